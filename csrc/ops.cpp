@@ -1,0 +1,44 @@
+// Every op of the pyoptim library is declared here, once. Kernels register themselves per backend:
+//   csrc/cpu/<family>.cpp   TORCH_LIBRARY_IMPL(pyoptim, CPU, m)
+//   csrc/cuda/<family>.cu   TORCH_LIBRARY_IMPL(pyoptim, CUDA, m)
+// Fake (meta) kernels, autograd and the Triton / reference fallbacks are registered from Python
+// (pyoptim/ops/<family>.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <pybind11/pybind11.h>
+
+TORCH_LIBRARY(pyoptim, m) {
+  // ---- group lasso (PruneTrain's regulariser) -------------------------------------------------
+  // W of shape [K, C/groups, *]: out-channel groups W[k], in-channel groups W[rows of group g, j].
+  m.def("group_lasso_norms(Tensor w, int groups=1) -> (Tensor out_norms, Tensor in_norms)");
+  m.def(
+      "group_lasso_norms_backward(Tensor grad_out_norms, Tensor grad_in_norms, Tensor w, "
+      "Tensor out_norms, Tensor in_norms, int groups=1) -> Tensor");
+  m.def(
+      "group_lasso_grad_(Tensor[] weights, Tensor(a!)[] grads, float lam, int[]? groups=None) "
+      "-> Tensor");
+  m.def(
+      "group_lasso_prune_(Tensor(a!)[] weights, float threshold, int[]? groups=None) "
+      "-> Tensor[]");
+}
+
+namespace {
+bool built_with_cuda() {
+#ifdef PYOPTIM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyoptim compiled kernels; the ops are reached as torch.ops.pyoptim.*";
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+#ifdef PYOPTIM_CUDA_VERSION
+  m.attr("cuda_version") = PYOPTIM_CUDA_VERSION;
+#else
+  m.attr("cuda_version") = pybind11::none();
+#endif
+}

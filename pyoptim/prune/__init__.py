@@ -1,0 +1,4 @@
+"""PruneTrain (Lym et al., SC'19): group-lasso regularisation and channel pruning during training."""
+from .group_lasso import GroupLasso, group_lasso_penalty, group_lasso_targets
+
+__all__ = ["GroupLasso", "group_lasso_penalty", "group_lasso_targets"]

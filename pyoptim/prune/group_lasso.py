@@ -1,0 +1,157 @@
+"""Group lasso as PruneTrain uses it: a penalty on every conv's out- and in-channel groups with
+its coefficient set once by the lasso-penalty-ratio (LPR) rule, and its gradient added by one fused
+op right after ``loss.backward()``.
+
+    gl = pyoptim.GroupLasso(model, lpr=0.2)
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        gl.apply(loss)          # first call: lam = LPR*loss / ((1-LPR)*penalty); then grads += dP/dW
+        optimizer.step()
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def group_lasso_targets(model: nn.Module, include_linear: bool = False
+                        ) -> List[Tuple[str, nn.Parameter, int]]:
+    """``(name, weight, groups)`` of every conv (and, if asked, linear) weight of ``model``.
+
+    Grouped and depthwise convs carry their ``groups`` so that the in-channel groups are the real
+    input channels (see :mod:`pyoptim.reference.group_lasso`). A transposed conv's weight is
+    ``[C_in, C_out/groups, *]``: the same layout with the roles of the two dims swapped, so the same
+    groups apply. The classifier (linear) is left out by default, as in PruneTrain: its output
+    channels are the classes.
+    """
+    kinds = _CONVS + _TRANSPOSED + ((nn.Linear,) if include_linear else ())
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, kinds) and isinstance(getattr(m, "weight", None), nn.Parameter):
+            out.append((f"{name}.weight" if name else "weight", m.weight, getattr(m, "groups", 1)))
+    return out
+
+
+def _as_targets(params: Union[nn.Module, Iterable[Tensor]], groups: Optional[Sequence[int]],
+                include_linear: bool = False) -> Tuple[List[Tensor], List[int]]:
+    if isinstance(params, nn.Module):
+        if groups is not None:
+            raise ValueError("group_lasso: give groups only with a list of weights, not with a module")
+        t = group_lasso_targets(params, include_linear)
+        return [w for _, w, _ in t], [g for _, _, g in t]
+    weights = list(params)
+    if groups is None:
+        groups = [1] * len(weights)
+    groups = [int(g) for g in groups]
+    if len(groups) != len(weights):
+        raise ValueError(f"group_lasso: groups has {len(groups)} entries for {len(weights)} weights")
+    return weights, groups
+
+
+def group_lasso_penalty(params: Union[nn.Module, Iterable[Tensor]], lam: float,
+                        groups: Optional[Sequence[int]] = None) -> Tensor:
+    """``lam * sum_i (sum_k ||W_i[k]|| + sum_c ||W_i[:, c]||)``, differentiable (the norms op has a
+    registered backward). ``params`` is a module (its conv weights) or a list of weights."""
+    weights, groups = _as_targets(params, groups)
+    total: Optional[Tensor] = None
+    for w, g in zip(weights, groups):
+        o, i = ops.group_lasso_norms(w if w.is_contiguous() else w.contiguous(), g)
+        term = o.sum() + i.sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return total * lam
+
+
+class GroupLasso:
+    """PruneTrain's regulariser for a model: ``apply(loss)`` after ``backward()`` adds the
+    group-lasso gradient into every conv weight's ``.grad`` with one fused op per (device, dtype).
+
+    Args:
+        model: the network; its conv weights (and linear ones with ``include_linear``) are penalised.
+        lam: the coefficient; ``None`` sets it at the first ``apply(loss)`` by the LPR rule
+            ``lam = lpr * loss / ((1 - lpr) * penalty)`` and keeps it fixed.
+        lpr: the lasso-penalty ratio, the share of the total loss the penalty has at the start.
+    """
+
+    def __init__(self, model: nn.Module, lam: Optional[float] = None, lpr: float = 0.2,
+                 include_linear: bool = False):
+        if lam is not None and not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"GroupLasso: lam must be finite and >= 0, got {lam}")
+        if not (0.0 < lpr < 1.0):
+            raise ValueError(f"GroupLasso: lpr must be in (0, 1), got {lpr}")
+        self.model = model
+        self.lam = lam
+        self.lpr = lpr
+        self.include_linear = include_linear
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-collects the weights (call after the model's layers were replaced)."""
+        self.targets = group_lasso_targets(self.model, self.include_linear)
+        if not self.targets:
+            raise ValueError("GroupLasso: the model has no conv weights to regularise")
+        buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = OrderedDict()
+        for idx, (_, w, _) in enumerate(self.targets):
+            buckets.setdefault((w.device, w.dtype), []).append(idx)
+        self._buckets = list(buckets.values())
+
+    @torch.no_grad()
+    def penalty(self) -> Tensor:
+        """The un-scaled penalty ``sum(norms)`` of the current weights (a 0-dim tensor)."""
+        total = None
+        for _, w, g in self.targets:
+            o, i = ops.group_lasso_norms(w.detach(), g)
+            term = (o.sum() + i.sum()).double()
+            total = term if total is None else total + term.to(total.device)
+        return total
+
+    def calibrate(self, loss: Union[Tensor, float]) -> float:
+        """Sets ``lam`` by the LPR rule from this loss (one host sync) and returns it."""
+        loss_value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        pen = float(self.penalty())
+        if not (math.isfinite(loss_value) and math.isfinite(pen)):
+            raise FloatingPointError(f"GroupLasso.calibrate: loss={loss_value}, penalty={pen}: not finite")
+        self.lam = 0.0 if pen == 0.0 else self.lpr * loss_value / ((1.0 - self.lpr) * pen)
+        return self.lam
+
+    @torch.no_grad()
+    def apply(self, loss: Optional[Union[Tensor, float]] = None) -> Tensor:
+        """Adds ``lam * dP/dW`` into each weight's ``.grad`` (creating it if absent) and returns the
+        scaled penalty ``lam * P`` (0-dim tensor; no device sync after calibration)."""
+        if self.lam is None:
+            if loss is None:
+                raise ValueError("GroupLasso.apply: lam is not set yet; pass the first batch's loss")
+            self.calibrate(loss)
+        total = None
+        for idx in self._buckets:
+            weights, grads, groups = [], [], []
+            for j in idx:
+                _, w, g = self.targets[j]
+                if w.grad is None:
+                    w.grad = torch.zeros_like(w)
+                weights.append(w.detach())
+                grads.append(w.grad)
+                groups.append(g)
+            p = ops.group_lasso_grad_(weights, grads, self.lam, groups)
+            total = p if total is None else total + p.to(total.device, total.dtype)
+        return total
+
+    def state_dict(self) -> dict:
+        return {"lam": self.lam, "lpr": self.lpr, "include_linear": self.include_linear}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam, self.lpr = state["lam"], state["lpr"]
+        self.include_linear = state.get("include_linear", self.include_linear)
+        self.refresh()

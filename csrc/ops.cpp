@@ -18,9 +18,11 @@ TORCH_LIBRARY(pyoptim, m) {
   m.def(
       "group_lasso_grad_(Tensor[] weights, Tensor(a!)[] grads, float lam, int[]? groups=None) "
       "-> Tensor");
+  // The keep-masks of all weights come back concatenated (out_keep: sum K_i, in_keep: sum C_i):
+  // functionalization (torch.compile) cannot handle a mutating op that returns Tensor[].
   m.def(
       "group_lasso_prune_(Tensor(a!)[] weights, float threshold, int[]? groups=None) "
-      "-> Tensor[]");
+      "-> (Tensor out_keep, Tensor in_keep)");
 }
 
 namespace {

@@ -28,7 +28,12 @@ try:  # the extension links against torch's libraries: torch is imported above, 
     from . import _C as _C  # type: ignore[no-redef]
 except Exception as exc:  # a broken build must not take the pure-torch path down with it
     _C = None
-    _C_ERROR = f"{type(exc).__name__}: {exc}"
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if not any(f.startswith("_C") and f.endswith((".so", ".pyd")) for f in os.listdir(_here)):
+        _C_ERROR = (f"pyoptim._C is not built in {_here} (install the package with "
+                    f"`pip install --no-build-isolation .`, or run `make test`)")
+    else:
+        _C_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 def _triton_package() -> bool:

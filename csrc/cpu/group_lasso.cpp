@@ -351,33 +351,37 @@ at::Tensor group_lasso_grad_cpu(at::TensorList weights, at::TensorList grads, do
   return at::scalar_tensor(penalty * lam, at::TensorOptions().dtype(norm_dtype(wt)));
 }
 
-std::vector<at::Tensor> group_lasso_prune_cpu(at::TensorList weights, double threshold,
-                                              at::OptionalIntArrayRef groups) {
+std::tuple<at::Tensor, at::Tensor> group_lasso_prune_cpu(at::TensorList weights, double threshold,
+                                                         at::OptionalIntArrayRef groups) {
   const char* op = "group_lasso_prune_";
   TORCH_CHECK(std::isfinite(threshold) && threshold >= 0, op,
               ": threshold must be finite and >= 0, got ", threshold);
   const auto geo = check_lists(weights, nullptr, groups, op);
-  if (weights.empty()) return {};
+  int64_t total_out = 0, total_in = 0;
+  for (const auto& g : geo) {
+    total_out += g.K;
+    total_in += g.in_channels();
+  }
+  auto bool_opts = at::TensorOptions().dtype(at::kBool);
+  at::Tensor out_keep = at::empty({total_out}, bool_opts), in_keep = at::empty({total_in}, bool_opts);
+  if (weights.empty()) return {out_keep, in_keep};
   for (size_t i = 0; i < weights.size(); ++i) check_cpu(weights[i], op, "weights[" + std::to_string(i) + "]");
   const auto wt = weights[0].scalar_type();
   std::vector<at::Tensor> ws(weights.begin(), weights.end());
   auto on = alloc_norms(geo, wt, true);
   auto in = alloc_norms(geo, wt, false);
-  std::vector<at::Tensor> ko, ki;
+  std::vector<at::Tensor> ko, ki;  // per-weight views into the flat masks
+  int64_t oo = 0, io = 0;
   for (const auto& g : geo) {
-    ko.push_back(at::empty({g.K}, at::TensorOptions().dtype(at::kBool)));
-    ki.push_back(at::empty({g.in_channels()}, at::TensorOptions().dtype(at::kBool)));
+    ko.push_back(out_keep.narrow(0, oo, g.K));
+    ki.push_back(in_keep.narrow(0, io, g.in_channels()));
+    oo += g.K;
+    io += g.in_channels();
   }
   dispatch_float(wt, [&](auto tag) {
     run<decltype(tag)>(Mode::kPrune, ws, ws, geo, threshold, on, in, &ko, &ki, nullptr, nullptr);
   });
-  std::vector<at::Tensor> masks;
-  masks.reserve(2 * geo.size());
-  for (size_t i = 0; i < geo.size(); ++i) {
-    masks.push_back(ko[i]);
-    masks.push_back(ki[i]);
-  }
-  return masks;
+  return {out_keep, in_keep};
 }
 
 }  // namespace

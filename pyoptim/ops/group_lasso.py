@@ -144,14 +144,17 @@ def _py_grad(impl):
 
 
 def _py_prune(impl):
-    def kernel(weights: List[Tensor], threshold: float, groups: Optional[List[int]] = None) -> List[Tensor]:
+    def kernel(weights: List[Tensor], threshold: float,
+               groups: Optional[List[int]] = None) -> Tuple[Tensor, Tensor]:
         _check_scalar(threshold, "group_lasso_prune_", "threshold")
         _check_lists(weights, None, groups, "group_lasso_prune_")
         if len(weights) == 0:
-            return []
+            empty = torch.zeros(0, dtype=torch.bool)
+            return empty, empty.clone()
         if impl == "triton":
             _check_triton_device(weights[0], "group_lasso_prune_")
-            return _triton_module().group_lasso_prune_(list(weights), threshold, groups)
+            masks = _triton_module().group_lasso_prune_(list(weights), threshold, groups)
+            return torch.cat(masks[0::2]), torch.cat(masks[1::2])
         return ref.group_lasso_prune_(weights, threshold, groups)
     return kernel
 
@@ -185,12 +188,12 @@ if _backend.HAS_CPP:
     @torch.library.register_fake("pyoptim::group_lasso_prune_")
     def _(weights, threshold, groups=None):
         _check_lists(weights, None, groups, "group_lasso_prune_")
-        masks = []
-        for i, w in enumerate(weights):
-            g = groups[i] if groups is not None else 1
-            masks += [w.new_empty((w.shape[0],), dtype=torch.bool),
-                      w.new_empty((g * w.shape[1],), dtype=torch.bool)]
-        return masks
+        n_out = sum(w.shape[0] for w in weights)
+        n_in = sum((groups[i] if groups is not None else 1) * w.shape[1] for i, w in enumerate(weights))
+        if len(weights) == 0:
+            return torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.bool)
+        return (weights[0].new_empty((n_out,), dtype=torch.bool),
+                weights[0].new_empty((n_in,), dtype=torch.bool))
 
     def _norms_setup_context(ctx, inputs, output):
         w, groups = inputs[0], (inputs[1] if len(inputs) > 1 else 1)
@@ -262,9 +265,14 @@ def group_lasso_prune_(weights: Sequence[Tensor], threshold: float,
     and returns one ``(out_keep [K], in_keep [groups*Cg])`` pair of bool masks per weight."""
     weights = list(weights)
     groups = None if groups is None else [int(g) for g in groups]
-    if len(weights) == 0 or not _backend.HAS_CPP:
-        device = weights[0].device if weights else torch.device("cpu")
-        flat = _backend.python_kernel("group_lasso_prune_", device)(weights, float(threshold), groups)
+    if len(weights) == 0:
+        return []
+    if not _backend.HAS_CPP:
+        out_keep, in_keep = _backend.python_kernel("group_lasso_prune_", weights[0].device)(
+            weights, float(threshold), groups)
     else:
-        flat = torch.ops.pyoptim.group_lasso_prune_(weights, float(threshold), groups)
-    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(weights))]
+        out_keep, in_keep = torch.ops.pyoptim.group_lasso_prune_(weights, float(threshold), groups)
+    gs = groups if groups is not None else [1] * len(weights)
+    outs = out_keep.split([w.shape[0] for w in weights])
+    ins = in_keep.split([g * w.shape[1] for g, w in zip(gs, weights)])
+    return list(zip(outs, ins))

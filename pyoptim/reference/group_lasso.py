@@ -98,11 +98,12 @@ def group_lasso_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], lam: f
 
 
 def group_lasso_prune_(weights: Sequence[Tensor], threshold: float,
-                       groups: Optional[Sequence[int]] = None) -> List[Tensor]:
+                       groups: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
     """Zeroes every group whose norm is below ``threshold`` (norms taken before any zeroing).
 
-    Returns ``[out_keep_0, in_keep_0, out_keep_1, in_keep_1, ...]`` (bool), with
-    ``keep = not (norm < threshold)``: a NaN group is kept, so a NaN stays visible.
+    Returns the keep-masks of all weights concatenated, ``(out_keep [sum K_i], in_keep
+    [sum groups_i*Cg_i])`` (bool), with ``keep = not (norm < threshold)``: a NaN group is kept, so
+    a NaN stays visible.
     """
     masks: List[Tensor] = []
     for i, w in enumerate(weights):
@@ -115,4 +116,7 @@ def group_lasso_prune_(weights: Sequence[Tensor], threshold: float,
         w4 = w.view(gr, K // gr, Cg, _spatial(w))
         w4.copy_(torch.where(keep, w4, torch.zeros((), dtype=w.dtype, device=w.device)))
         masks += [keep_o, keep_i]
-    return masks
+    device = weights[0].device if len(weights) else None
+    if not masks:
+        return torch.zeros(0, dtype=torch.bool, device=device), torch.zeros(0, dtype=torch.bool, device=device)
+    return torch.cat(masks[0::2]), torch.cat(masks[1::2])

@@ -32,7 +32,6 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.deps: $(VENV)/bin/python requirements/dev.txt Makefile
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)" -r requirements/dev.txt
 	touch $@
 

@@ -12,8 +12,10 @@
 #include <c10/util/Exception.h>
 #include <c10/util/OptionalArrayRef.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace pyoptim {
@@ -105,6 +107,24 @@ inline std::vector<Geometry> check_lists(at::TensorList weights, const at::Tenso
     }
   }
   return geo;
+}
+
+// Tensors a call writes must not share memory: the kernels update them in parallel. Sorting the
+// [start, end) byte ranges keeps this O(n log n) on the host, with no device access.
+inline void check_disjoint(at::TensorList ts, const char* op, const char* list_name) {
+  std::vector<std::tuple<uintptr_t, uintptr_t, size_t>> spans;
+  spans.reserve(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (ts[i].numel() == 0) continue;
+    const auto start = reinterpret_cast<uintptr_t>(ts[i].const_data_ptr());
+    spans.emplace_back(start, start + ts[i].nbytes(), i);
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    TORCH_CHECK(std::get<0>(spans[i]) >= std::get<1>(spans[i - 1]), op, ": ", list_name, "[",
+                std::get<2>(spans[i]), "] and ", list_name, "[", std::get<2>(spans[i - 1]),
+                "] share memory; each tensor written by one call must be distinct");
+  }
 }
 
 inline void check_norms_backward(const at::Tensor& grad_out_norms, const at::Tensor& grad_in_norms,

@@ -282,6 +282,8 @@ def bad_input_cases(device):
     yield "negative lam", lambda: torch.ops.pyoptim.group_lasso_grad_([w], [g], -1.0, None), r"lam must be finite and >= 0"
     yield "nan threshold", lambda: torch.ops.pyoptim.group_lasso_prune_([w], float("nan"), None), r"threshold must be finite and >= 0"
     yield "mixed devices", lambda: torch.ops.pyoptim.group_lasso_grad_([w, w.to("meta")], [g, g.to("meta")], 0.1, None), r"weights\[1\] is on meta but weights\[0\] is on"
+    yield "aliased grads", lambda: torch.ops.pyoptim.group_lasso_grad_([w, w.clone()], [g, g], 0.1, None), r"grads\[1\] and grads\[0\] share memory"
+    yield "aliased weights", lambda: torch.ops.pyoptim.group_lasso_prune_([w, w[1:]], 0.1, None), r"weights\[\d\] and weights\[\d\] share memory"
     yield "backward shape", lambda: torch.ops.pyoptim.group_lasso_norms_backward(torch.zeros(3, device=device), torch.zeros(3, device=device), w, torch.zeros(4, device=device), torch.zeros(3, device=device), 1), r"grad_out_norms must have shape \[4\]"
 
 

@@ -9,7 +9,7 @@
 //   2. finish (serial, O(channels)): in-channel sums over ranges and over s, square roots, the
 //      penalty, and per-position coefficients (lam/||in-channel||, or keep flags for pruning).
 //   3. apply: grad[k, p] += w[k, p] * (coef_out[k] + coef_pos[p]), parallel over items.
-// A batch's weights are still in the last-level cache when step 3 reads them again, so a call
+// A batch (~1 MB of weights, or one larger tensor) is still in cache when step 3 reads it again, so a call
 // moves close to 3 passes over memory instead of 4. Results are deterministic: the split into
 // ranges depends only on the shapes and the thread count, and the reduction order is fixed.
 #include "../group_lasso.h"
@@ -84,7 +84,7 @@ inline acc safe_reciprocal(acc x) {
 enum class Mode { kNorms, kGrad, kPrune, kNormsBackward };
 
 constexpr int64_t kItemElems = 32 * 1024;             // rows per work item ~ this many elements
-constexpr int64_t kBatchBytes = int64_t(8) << 20;     // weights per batch: fits the LLC
+constexpr int64_t kBatchBytes = int64_t(1) << 20;  // weights per batch: pass 2 re-reads them from cache
 
 struct Item {
   int64_t tensor;  // index in the batch
@@ -338,6 +338,7 @@ at::Tensor group_lasso_grad_cpu(at::TensorList weights, at::TensorList grads, do
   const char* op = "group_lasso_grad_";
   TORCH_CHECK(std::isfinite(lam) && lam >= 0, op, ": lam must be finite and >= 0, got ", lam);
   const auto geo = check_lists(weights, &grads, groups, op);
+  check_disjoint(grads, op, "grads");
   if (weights.empty()) return at::zeros({}, at::kFloat);
   for (size_t i = 0; i < weights.size(); ++i) check_cpu(weights[i], op, "weights[" + std::to_string(i) + "]");
   const auto wt = weights[0].scalar_type();
@@ -357,6 +358,7 @@ std::tuple<at::Tensor, at::Tensor> group_lasso_prune_cpu(at::TensorList weights,
   TORCH_CHECK(std::isfinite(threshold) && threshold >= 0, op,
               ": threshold must be finite and >= 0, got ", threshold);
   const auto geo = check_lists(weights, nullptr, groups, op);
+  check_disjoint(weights, op, "weights");
   int64_t total_out = 0, total_in = 0;
   for (const auto& g : geo) {
     total_out += g.K;

@@ -74,6 +74,15 @@ def _check_lists(weights: Sequence[Tensor], grads: Optional[Sequence[Tensor]],
                 raise RuntimeError(f"{op}: {gn} must be contiguous (call .contiguous())")
 
 
+def _check_disjoint(ts: Sequence[Tensor], op: str, list_name: str) -> None:
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
+                   for i, t in enumerate(ts) if t.numel() > 0 and t.device.type != "meta")
+    for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise RuntimeError(f"{op}: {list_name}[{i1}] and {list_name}[{i0}] share memory; each "
+                               f"tensor written by one call must be distinct")
+
+
 def _check_scalar(value: float, op: str, name: str) -> None:
     if not (math.isfinite(value) and value >= 0):
         raise RuntimeError(f"{op}: {name} must be finite and >= 0, got {value}")
@@ -134,6 +143,7 @@ def _py_grad(impl):
                groups: Optional[List[int]] = None) -> Tensor:
         _check_scalar(lam, "group_lasso_grad_", "lam")
         _check_lists(weights, grads, groups, "group_lasso_grad_")
+        _check_disjoint(grads, "group_lasso_grad_", "grads")
         if len(weights) == 0:
             return torch.zeros((), dtype=torch.float32)
         if impl == "triton":
@@ -148,6 +158,7 @@ def _py_prune(impl):
                groups: Optional[List[int]] = None) -> Tuple[Tensor, Tensor]:
         _check_scalar(threshold, "group_lasso_prune_", "threshold")
         _check_lists(weights, None, groups, "group_lasso_prune_")
+        _check_disjoint(weights, "group_lasso_prune_", "weights")
         if len(weights) == 0:
             empty = torch.zeros(0, dtype=torch.bool)
             return empty, empty.clone()

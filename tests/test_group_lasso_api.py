@@ -1,0 +1,132 @@
+"""pyoptim.GroupLasso and pyoptim.group_lasso_penalty: the user-facing group-lasso API."""
+import pytest
+import torch
+from torch import nn
+
+import pyoptim
+from pyoptim.reference import group_lasso as ref
+
+
+class SmallNet(nn.Module):
+    """Plain, grouped and depthwise convs, and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1, groups=4, bias=False)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.pw = nn.Conv2d(12, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.pw(self.dw(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def data(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 5, (6,), generator=g)
+
+
+def test_targets_carry_groups():
+    t = pyoptim.group_lasso_targets(SmallNet())
+    assert [(n, g) for n, _, g in t] == [("conv1.weight", 1), ("conv2.weight", 4), ("dw.weight", 12),
+                                         ("pw.weight", 1)]
+    assert [n for n, _, _ in pyoptim.group_lasso_targets(SmallNet(), include_linear=True)][-1] == "fc.weight"
+
+
+def test_lpr_rule_sets_lambda_at_first_batch(backend):
+    device, _ = backend
+    torch.manual_seed(0)
+    model = SmallNet().double().to(device)
+    x, y = data()
+    loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+    loss.backward()
+    gl = pyoptim.GroupLasso(model, lpr=0.2)
+    pen = gl.apply(loss)
+    # by the rule, the penalty is 20% of (loss + penalty) at the first batch
+    ratio = pen.item() / (loss.item() + pen.item())
+    assert abs(ratio - 0.2) < 1e-12
+    lam = gl.lam
+    loss2 = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+    gl.apply(loss2)
+    assert gl.lam == lam  # kept fixed after the first batch
+
+
+def test_apply_equals_autograd_of_penalty(backend):
+    device, _ = backend
+    torch.manual_seed(1)
+    m1 = SmallNet().double().to(device)
+    m2 = SmallNet().double().to(device)
+    m2.load_state_dict(m1.state_dict())
+    x, y = data(1)
+    x, y = x.to(device), y.to(device)
+    lam = 3e-3
+
+    nn.functional.cross_entropy(m1(x), y).backward()
+    gl = pyoptim.GroupLasso(m1, lam=lam)
+    pen = gl.apply()
+
+    targets = pyoptim.group_lasso_targets(m2)
+    weights = [w for _, w, _ in targets]
+    groups = [g for _, _, g in targets]
+    want_pen = ref.group_lasso_penalty(weights, lam, groups)
+    (nn.functional.cross_entropy(m2(x), y) + want_pen).backward()
+
+    torch.testing.assert_close(pen, want_pen.detach(), rtol=1e-12, atol=0)
+    for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-10, atol=1e-13, msg=lambda m: f"{n}: {m}")
+
+
+def test_penalty_is_differentiable_and_matches_reference(backend):
+    device, _ = backend
+    torch.manual_seed(2)
+    model = SmallNet().double().to(device)
+    pen = pyoptim.group_lasso_penalty(model, 0.5)
+    targets = pyoptim.group_lasso_targets(model)
+    want = ref.group_lasso_penalty([w for _, w, _ in targets], 0.5, [g for _, _, g in targets])
+    torch.testing.assert_close(pen, want, rtol=1e-12, atol=0)
+    pen.backward()
+    assert all(w.grad is not None and torch.isfinite(w.grad).all() for _, w, _ in targets)
+
+
+def test_apply_creates_missing_grads_and_mixed_dtypes():
+    torch.manual_seed(3)
+    model = SmallNet()
+    model.pw.double()  # a second (device, dtype) bucket
+    gl = pyoptim.GroupLasso(model, lam=0.1)
+    pen = gl.apply()
+    assert torch.isfinite(pen)
+    assert all(w.grad is not None for _, w, _ in gl.targets)
+    assert model.pw.weight.grad.dtype == torch.float64
+
+
+def test_state_dict_round_trip():
+    model = SmallNet()
+    gl = pyoptim.GroupLasso(model, lpr=0.3)
+    gl.calibrate(torch.tensor(2.0))
+    gl2 = pyoptim.GroupLasso(model)
+    gl2.load_state_dict(gl.state_dict())
+    assert gl2.lam == gl.lam and gl2.lpr == 0.3
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(lpr=1.0), "lpr must be in"),
+    (dict(lpr=0.0), "lpr must be in"),
+    (dict(lam=-1.0), "lam must be finite"),
+])
+def test_bad_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        pyoptim.GroupLasso(SmallNet(), **kwargs)
+
+
+def test_apply_without_lambda_or_loss_raises():
+    with pytest.raises(ValueError, match="pass the first batch's loss"):
+        pyoptim.GroupLasso(SmallNet()).apply()
+
+
+def test_model_without_convs_raises():
+    with pytest.raises(ValueError, match="no conv weights"):
+        pyoptim.GroupLasso(nn.Sequential(nn.Linear(3, 3)))

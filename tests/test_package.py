@@ -76,3 +76,58 @@ def test_bad_environment_backend_warns_and_falls_back():
     r = run_python("import pyoptim; print(pyoptim.get_backend())", PYOPTIM_BACKEND="bogus")
     assert r.returncode == 0 and r.stdout.strip() == "auto"
     assert "PYOPTIM_BACKEND='bogus' ignored" in r.stderr
+
+
+def test_without_the_extension_the_pure_torch_path_still_works():
+    """The source tree has no compiled _C: importing it there exercises the defensive load."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import pyoptim\n"
+        "assert not pyoptim.backends()['cpp_cpu'], pyoptim.backends()\n"
+        "assert any('compiled extension not loaded' in str(w.message) for w in caught)\n"
+        "w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)\n"
+        "p = pyoptim.group_lasso_penalty([w], 0.5)\n"
+        "p.backward()\n"
+        "g = torch.zeros_like(w)\n"
+        "q = pyoptim.ops.group_lasso_grad_([w.detach()], [g], 0.5)\n"
+        "torch.testing.assert_close(q, p.detach())\n"
+        "torch.testing.assert_close(g, w.grad)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=repo, env=dict(os.environ, PYTHONPATH=repo, PYOPTIM_QUIET="1"))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_ops_compose_with_torch_compile():
+    """The fake kernels and autograd registrations let the ops trace with fullgraph=True."""
+    w = torch.randn(8, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def penalty(a, b):
+        return pyoptim.group_lasso_penalty([a, b], 0.3, [1, 4])
+
+    compiled = torch.compile(penalty, backend="aot_eager", fullgraph=True)
+    got = compiled(w, wd)
+    got.backward()
+    gw, gwd = w.grad.clone(), wd.grad.clone()
+    w.grad = wd.grad = None
+    want = penalty(w, wd)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gw, w.grad)
+    torch.testing.assert_close(gwd, wd.grad)
+
+    def step(ws, gs):
+        return torch.ops.pyoptim.group_lasso_grad_(ws, gs, 0.3, [1, 4])
+
+    ws = [w.detach(), wd.detach()]
+    gs1 = [torch.zeros_like(x) for x in ws]
+    gs2 = [torch.zeros_like(x) for x in ws]
+    p1 = torch.compile(step, backend="aot_eager", fullgraph=True)(ws, gs1)
+    p2 = step(ws, gs2)
+    torch.testing.assert_close(p1, p2)
+    for a, b in zip(gs1, gs2):
+        torch.testing.assert_close(a, b)

@@ -130,3 +130,20 @@ def test_apply_without_lambda_or_loss_raises():
 def test_model_without_convs_raises():
     with pytest.raises(ValueError, match="no conv weights"):
         pyoptim.GroupLasso(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_channels_last_model_goes_through_contiguous_copies():
+    torch.manual_seed(4)
+    m1 = SmallNet().double()
+    m2 = SmallNet().double()
+    m2.load_state_dict(m1.state_dict())
+    m2 = m2.to(memory_format=torch.channels_last)
+    x, y = data(4)
+    for m in (m1, m2):
+        nn.functional.cross_entropy(m(x), y).backward()
+    assert not m2.conv1.weight.grad.is_contiguous()
+    p1 = pyoptim.GroupLasso(m1, lam=0.01).apply()
+    p2 = pyoptim.GroupLasso(m2, lam=0.01).apply()
+    torch.testing.assert_close(p1, p2, rtol=1e-12, atol=0)
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13, msg=lambda msg: f"{n}: {msg}")

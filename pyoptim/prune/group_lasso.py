@@ -129,22 +129,33 @@ class GroupLasso:
     @torch.no_grad()
     def apply(self, loss: Optional[Union[Tensor, float]] = None) -> Tensor:
         """Adds ``lam * dP/dW`` into each weight's ``.grad`` (creating it if absent) and returns the
-        scaled penalty ``lam * P`` (0-dim tensor; no device sync after calibration)."""
+        scaled penalty ``lam * P`` (0-dim tensor; no device sync after calibration).
+
+        Call it after ``backward()`` and before ``optimizer.step()``; with a ``GradScaler``, after
+        ``scaler.unscale_(optimizer)``, since the gradient added here is not scaled. Weights in
+        ``channels_last`` (or any non-contiguous layout) go through contiguous copies.
+        """
         if self.lam is None:
             if loss is None:
                 raise ValueError("GroupLasso.apply: lam is not set yet; pass the first batch's loss")
             self.calibrate(loss)
         total = None
         for idx in self._buckets:
-            weights, grads, groups = [], [], []
+            weights, grads, groups, copy_back = [], [], [], []
             for j in idx:
                 _, w, g = self.targets[j]
                 if w.grad is None:
-                    w.grad = torch.zeros_like(w)
-                weights.append(w.detach())
-                grads.append(w.grad)
+                    w.grad = torch.zeros_like(w, memory_format=torch.contiguous_format)
+                grad = w.grad
+                if not grad.is_contiguous():
+                    copy_back.append((grad, len(grads)))
+                    grad = grad.contiguous()
+                weights.append(w.detach().contiguous())
+                grads.append(grad)
                 groups.append(g)
             p = ops.group_lasso_grad_(weights, grads, self.lam, groups)
+            for original, pos in copy_back:
+                original.copy_(grads[pos])
             total = p if total is None else total + p.to(total.device, total.dtype)
         return total
 

@@ -147,3 +147,21 @@ def test_channels_last_model_goes_through_contiguous_copies():
     torch.testing.assert_close(p1, p2, rtol=1e-12, atol=0)
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13, msg=lambda msg: f"{n}: {msg}")
+
+
+def test_prune_zeroes_small_channels_of_the_model(backend):
+    device, _ = backend
+    torch.manual_seed(5)
+    model = SmallNet().double().to(device)
+    with torch.no_grad():
+        model.conv1.weight[3] *= 1e-8          # an output channel of conv1
+        model.pw.weight[:, 5] *= 1e-8          # an input channel of the pointwise conv
+    gl = pyoptim.GroupLasso(model, lam=0.1)
+    before = {n: w.detach().clone() for n, w, _ in gl.targets}
+    masks = gl.prune_(1e-4)
+    assert set(masks) == {"conv1.weight", "conv2.weight", "dw.weight", "pw.weight"}
+    assert not masks["conv1.weight"][0][3] and masks["conv1.weight"][0].sum() == 7
+    assert not masks["pw.weight"][1][5] and masks["pw.weight"][1].sum() == 11
+    assert (model.conv1.weight[3] == 0).all() and (model.pw.weight[:, 5] == 0).all()
+    assert torch.equal(model.conv2.weight, before["conv2.weight"])  # nothing small there
+    model(data(5)[0].to(device)).sum().backward()                  # still trains

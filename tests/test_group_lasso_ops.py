@@ -224,6 +224,15 @@ def test_norms_backward_float64(backend):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
 
 
+def test_backward_through_one_output(backend):
+    device, _ = backend
+    w = rand((5, 4, 3, 3), torch.float64, device, 290).requires_grad_(True)
+    out, _ = torch.ops.pyoptim.group_lasso_norms(w, 1)
+    out.sum().backward()
+    want = w.detach().cpu() / w.detach().cpu().flatten(1).norm(dim=1)[:, None, None, None]
+    torch.testing.assert_close(w.grad.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape,groups", [((5, 4, 3, 3), 1), ((6, 2, 3, 3), 3), ((7, 9), 1)])
 def test_gradcheck_norms(backend, shape, groups):
     device, _ = backend

@@ -159,6 +159,22 @@ class GroupLasso:
             total = p if total is None else total + p.to(total.device, total.dtype)
         return total
 
+    @torch.no_grad()
+    def prune_(self, threshold: float) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """Zeroes every channel group of the regularised weights whose norm is below
+        ``threshold`` and returns ``{weight name: (out_keep, in_keep)}`` (bool masks)."""
+        masks: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for idx in self._buckets:
+            names = [self.targets[j][0] for j in idx]
+            weights = [self.targets[j][1] for j in idx]
+            work = [w.detach() if w.is_contiguous() else w.detach().contiguous() for w in weights]
+            pairs = ops.group_lasso_prune_(work, threshold, [self.targets[j][2] for j in idx])
+            for name, w, wc, pair in zip(names, weights, work, pairs):
+                if wc.data_ptr() != w.data_ptr():
+                    w.copy_(wc)
+                masks[name] = pair
+        return masks
+
     def state_dict(self) -> dict:
         return {"lam": self.lam, "lpr": self.lpr, "include_linear": self.include_linear}
 

@@ -23,6 +23,24 @@ TORCH_LIBRARY(pyoptim, m) {
   m.def(
       "group_lasso_prune_(Tensor(a!)[] weights, float threshold, int[]? groups=None) "
       "-> (Tensor out_keep, Tensor in_keep)");
+
+  // ---- sparse sub-tensor update (Lin et al. 2022) ---------------------------------------------
+  // A weight split into a trained prefix and a frozen rest, forward = conv2d/linear with
+  // cat(weight_train, weight_frozen): along dim 1 (input channels) when groups == 1, along dim 0
+  // (output channels) for grouped and depthwise convs, along dim 1 (input features) for linear.
+  m.def(
+      "sparse_conv2d(Tensor x, Tensor weight_train, Tensor weight_frozen, Tensor? bias, "
+      "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor");
+  // Weight gradient of a conv of weight shape `weight_shape` from its (sliced) input and output
+  // gradient, with the bias gradient grad_out.sum((0, 2, 3)) fused (empty when bias_grad is false).
+  m.def(
+      "sparse_conv2d_weight_grad(Tensor grad_out, Tensor x, int[] weight_shape, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool bias_grad) "
+      "-> (Tensor grad_weight, Tensor grad_bias)");
+  m.def("sparse_linear(Tensor x, Tensor weight_train, Tensor weight_frozen, Tensor? bias) -> Tensor");
+  m.def(
+      "sparse_linear_weight_grad(Tensor grad_out, Tensor x, bool bias_grad) "
+      "-> (Tensor grad_weight, Tensor grad_bias)");
 }
 
 namespace {

@@ -11,6 +11,7 @@ from . import _backend
 from ._backend import backends, get_backend, set_backend, use_backend
 from . import ops, reference  # noqa: E402  (registers fake kernels, autograd, fallbacks)
 from .prune.group_lasso import GroupLasso, group_lasso_penalty, group_lasso_targets
+from . import models, sparse  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,8 @@
+"""Sparse sub-tensor update (Lin et al., "On-Device Training Under 256KB Memory", 2022): train
+only some layers and, inside them, only a channel sub-tensor, with a backward that skips every
+gradient nobody needs — so the memory and time savings are real in PyTorch."""
+from .modules import SparseConv2d, SparseLinear, trained_channels
+from .scheme import SparseUpdateScheme, apply_scheme, fuse_bn, layer_names
+
+__all__ = ["SparseConv2d", "SparseLinear", "SparseUpdateScheme", "apply_scheme", "fuse_bn",
+           "layer_names", "trained_channels"]

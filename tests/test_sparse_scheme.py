@@ -1,0 +1,168 @@
+"""SparseUpdateScheme, apply_scheme and the sparse layers on MobileNetV2."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyoptim
+from pyoptim import sparse
+from pyoptim.models import mobilenet_v2
+
+
+def fused_mbv2(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    m = mobilenet_v2(0.35, num_classes=10).to(dtype)
+    with torch.no_grad():  # non-trivial BN statistics, so that folding them is really tested
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.1, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
+    return sparse.fuse_bn(m.eval())
+
+
+def paper_scheme(m):
+    return sparse.SparseUpdateScheme.last_layers(
+        m, 16, {-1: 0.25, -2: 0.25, -4: 0.125, -5: 0.25, -7: 0.125, -8: 0.25, -10: 0.125, -11: 0.25})
+
+
+def batch(seed=1, dtype=torch.float64, n=3, size=40):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, size, size, generator=g, dtype=torch.float64).to(dtype),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+def test_fuse_bn_keeps_the_eval_function():
+    torch.manual_seed(0)
+    m = mobilenet_v2(0.35, num_classes=10).double()
+    with torch.no_grad():
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.1, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.1, 0.1)
+    m.eval()
+    x, _ = batch()
+    want = m(x)
+    sparse.fuse_bn(m)
+    assert not any(isinstance(b, nn.BatchNorm2d) for b in m.modules())
+    torch.testing.assert_close(m(x), want, rtol=1e-10, atol=1e-12)
+
+
+def test_apply_scheme_keeps_the_function_and_the_state_dict_keys():
+    m = fused_mbv2()
+    dense = copy.deepcopy(m)
+    sparse.apply_scheme(m, paper_scheme(m))
+    x, _ = batch()
+    torch.testing.assert_close(m(x), dense(x), rtol=0, atol=0)
+    sd = m.state_dict()
+    assert list(sd.keys()) == list(dense.state_dict().keys())
+    for k, v in dense.state_dict().items():
+        assert torch.equal(sd[k], v), k
+    # a dense checkpoint loads into the sparse model and back
+    other = fused_mbv2(seed=7)
+    m.load_state_dict(other.state_dict())
+    torch.testing.assert_close(m(x), other(x), rtol=0, atol=0)
+    dense.load_state_dict(m.state_dict())
+    torch.testing.assert_close(dense(x), other(x), rtol=0, atol=0)
+
+
+def test_only_the_schemes_entries_are_trainable():
+    m = fused_mbv2()
+    s = paper_scheme(m)
+    sparse.apply_scheme(m, s)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    want = {f"{n}.bias" for n in s.bias_layers} | {f"{n}.weight_train" for n in s.weight_ratios}
+    want |= {"classifier.1.weight", "classifier.1.bias"}
+    assert trainable == want
+    layer = m.get_submodule("features.17.conv.6")  # the last project conv, ratio 1/4 of its inputs
+    assert layer.in_channels == 336
+    assert layer.weight_train.shape[1] == 84 and layer.weight_frozen.shape[1] == 252
+
+
+def test_trained_gradients_equal_dense_autograd_and_frozen_get_none():
+    m = fused_mbv2()
+    dense = copy.deepcopy(m)
+    s = paper_scheme(m)
+    sparse.apply_scheme(m, s)
+    m.train()
+    dense.train()
+    x, y = batch()
+    torch.manual_seed(3)  # the same dropout mask in both
+    F.cross_entropy(m(x), y).backward()
+    torch.manual_seed(3)
+    F.cross_entropy(dense(x), y).backward()
+    dmods = dict(dense.named_modules())
+    for name, mod in m.named_modules():
+        if isinstance(mod, (sparse.SparseConv2d, sparse.SparseLinear)):
+            full = dmods[name].weight.grad
+            if mod.trained:
+                want = full.narrow(mod.split_dim, 0, mod.trained)
+                torch.testing.assert_close(mod.weight_train.grad, want, rtol=1e-10, atol=1e-12)
+            if isinstance(mod.bias, nn.Parameter):
+                torch.testing.assert_close(mod.bias.grad, dmods[name].bias.grad, rtol=1e-10, atol=1e-12)
+            assert mod.weight_frozen.grad is None
+    torch.testing.assert_close(m.classifier[1].weight.grad, dense.classifier[1].weight.grad, rtol=1e-10, atol=1e-12)
+    # nothing below the window got a gradient
+    assert m.features[0][0].weight.grad is None and m.features[5].conv[0].weight.grad is None
+
+
+def test_frozen_weights_stay_bit_identical_under_sgd_momentum_and_weight_decay():
+    m = fused_mbv2(dtype=torch.float32)
+    sparse.apply_scheme(m, paper_scheme(m))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
+                          weight_decay=5e-4)
+    m.train()
+    for step in range(4):
+        x, y = batch(step, torch.float32)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    after = m.state_dict()
+    layer = m.get_submodule("features.17.conv.6")
+    k = layer.trained
+    w0, w1 = before["features.17.conv.6.weight"], after["features.17.conv.6.weight"]
+    assert torch.equal(w0[:, k:], w1[:, k:])            # frozen rest: bit-identical
+    assert not torch.equal(w0[:, :k], w1[:, :k])        # trained prefix moved
+    assert torch.equal(before["features.3.conv.0.weight"], after["features.3.conv.0.weight"])
+    assert torch.equal(before["features.3.conv.0.bias"], after["features.3.conv.0.bias"])
+
+
+def test_scheme_json_round_trip():
+    m = fused_mbv2()
+    s = paper_scheme(m)
+    again = sparse.SparseUpdateScheme.from_json(s.to_json())
+    assert again == s
+    with pytest.raises(ValueError, match="unknown fields"):
+        sparse.SparseUpdateScheme.from_dict({"bias_layer": []})
+
+
+@pytest.mark.parametrize("scheme,pattern", [
+    (dict(bias_layers=["features.99.conv.0"]), r"unknown layer\(s\) \['features.99.conv.0'\]"),
+    (dict(bias_layers=["features.17.conv.6"], weight_ratios={"features.17.conv.6": 1.5}), r"must be in \(0, 1\]"),
+    (dict(bias_layers=["features.17.conv.6"], weight_ratios={"features.17.conv.6": 0.0}), r"must be in \(0, 1\]"),
+    (dict(bias_layers=["features.17.conv.6"], weight_ratios={"features.16.conv.6": 0.5}), r"outside the bias window"),
+    (dict(bias_layers=["classifier.1"]), r"the classifier 'classifier.1' trains in full"),
+])
+def test_bad_schemes_raise_clear_errors(scheme, pattern):
+    m = fused_mbv2()
+    with pytest.raises(ValueError, match=pattern):
+        sparse.apply_scheme(m, sparse.SparseUpdateScheme(**scheme))
+
+
+def test_bias_training_needs_biases():
+    torch.manual_seed(0)
+    m = mobilenet_v2(0.35, num_classes=10)  # not fused: its convs have no bias
+    with pytest.raises(ValueError, match="has no bias to train .*fuse_bn"):
+        sparse.apply_scheme(m, sparse.SparseUpdateScheme(bias_layers=["features.17.conv.6"]))
+
+
+def test_trained_channel_rounding():
+    assert sparse.trained_channels(192, 0.25) == 48
+    assert sparse.trained_channels(10, 0.01) == 1
+    assert sparse.trained_channels(10, 1.0) == 10
+    assert sparse.trained_channels(12, 0.3, multiple=3) == 6   # whole groups of 3
+    assert sparse.trained_channels(12, 0.0) == 0

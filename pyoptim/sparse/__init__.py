@@ -2,7 +2,8 @@
 only some layers and, inside them, only a channel sub-tensor, with a backward that skips every
 gradient nobody needs — so the memory and time savings are real in PyTorch."""
 from .modules import SparseConv2d, SparseLinear, trained_channels
+from .reorder import reorder_channels
 from .scheme import SparseUpdateScheme, apply_scheme, fuse_bn, layer_names
 
 __all__ = ["SparseConv2d", "SparseLinear", "SparseUpdateScheme", "apply_scheme", "fuse_bn",
-           "layer_names", "trained_channels"]
+           "layer_names", "reorder_channels", "trained_channels"]

@@ -166,3 +166,31 @@ def test_trained_channel_rounding():
     assert sparse.trained_channels(10, 1.0) == 10
     assert sparse.trained_channels(12, 0.3, multiple=3) == 6   # whole groups of 3
     assert sparse.trained_channels(12, 0.0) == 0
+
+
+def test_frozen_layers_inside_the_window_save_nothing():
+    m = fused_mbv2()
+    s = sparse.SparseUpdateScheme(bias_layers=["features.15.conv.0", "features.17.conv.6"])
+    sparse.apply_scheme(m, s)
+    gap = m.get_submodule("features.16.conv.0")      # between two trained layers, trains nothing
+    assert isinstance(gap, sparse.SparseConv2d) and gap.trained == 0
+    assert not any(p.requires_grad for p in gap.parameters())
+    below = m.get_submodule("features.14.conv.0")    # below the window: untouched
+    assert isinstance(below, nn.Conv2d)
+    x, _ = batch()        # 3 samples
+    m.train()
+    inside, saved_in_gap = [False], []
+    gap.register_forward_pre_hook(lambda mod, args: inside.__setitem__(0, True))
+    gap.register_forward_hook(lambda mod, args, out: inside.__setitem__(0, False))
+
+    def pack(t):
+        if inside[0]:
+            saved_in_gap.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    # only the (frozen) weight pieces are saved by the gap layer, never an activation of the batch
+    assert saved_in_gap and all(shape[0] != 3 for shape in saved_in_gap), saved_in_gap
+    y.sum().backward()
+    assert m.get_submodule("features.15.conv.0").bias.grad is not None

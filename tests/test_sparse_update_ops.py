@@ -142,25 +142,27 @@ def test_reduced_precision(backend, dtype):
 
 
 def test_gradcheck(backend):
-    device, _ = backend
+    device, name = backend
+    # the interpreted Triton backward takes ~0.5 s a call: check random projections there
+    fast = name == "triton" and device == "cpu"
     x = rand((2, 4, 5, 5), 40, device).requires_grad_(True)
     w = rand((3, 4, 3, 3), 41, device)
     wt, wf = split(w, 2, 1)
     wt.requires_grad_(True)
     b = rand((3,), 42, device).requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, c, d: torch.ops.pyoptim.sparse_conv2d(a, c, wf, d, [2, 2], [1, 1], [1, 1], 1), (x, wt, b))
+        lambda a, c, d: torch.ops.pyoptim.sparse_conv2d(a, c, wf, d, [2, 2], [1, 1], [1, 1], 1), (x, wt, b), fast_mode=fast)
     xd = rand((2, 6, 5, 5), 43, device).requires_grad_(True)
     wd = rand((6, 1, 3, 3), 44, device)
     wdt, wdf = split(wd, 2, 6)
     wdt.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, c: torch.ops.pyoptim.sparse_conv2d(a, c, wdf, None, [1, 1], [1, 1], [1, 1], 6), (xd, wdt))
+        lambda a, c: torch.ops.pyoptim.sparse_conv2d(a, c, wdf, None, [1, 1], [1, 1], [1, 1], 6), (xd, wdt), fast_mode=fast)
     xl = rand((3, 6), 45, device).requires_grad_(True)
     wl = rand((4, 6), 46, device)
     wlt = wl[:, :2].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, c: torch.ops.pyoptim.sparse_linear(a, c, wl[:, 2:].clone(), None), (xl, wlt))
+        lambda a, c: torch.ops.pyoptim.sparse_linear(a, c, wl[:, 2:].clone(), None), (xl, wlt), fast_mode=fast)
 
 
 def test_opcheck(backend):

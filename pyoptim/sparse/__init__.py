@@ -7,3 +7,5 @@ from .scheme import SparseUpdateScheme, apply_scheme, fuse_bn, layer_names
 
 __all__ = ["SparseConv2d", "SparseLinear", "SparseUpdateScheme", "apply_scheme", "fuse_bn",
            "layer_names", "reorder_channels", "trained_channels"]
+from .memory import measure_memory, memory_estimate, scheme_masks  # noqa: E402
+__all__ += ["measure_memory", "memory_estimate", "scheme_masks"]

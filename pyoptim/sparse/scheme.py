@@ -128,7 +128,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_scheme(model: nn.Module, scheme: SparseUpdateScheme) -> nn.Module:
-    """Freezes ``model`` except what ``scheme`` trains, swapping the conv/linear layers that train
+    """Freezes ``model`` except what ``scheme`` trains, swapping the conv/linear layers that train —
+    and the frozen ones after the first trained layer, which then save nothing for the backward —
     for :class:`SparseConv2d` / :class:`SparseLinear` (in place; returns the model).
 
     Afterwards ``[p for p in model.parameters() if p.requires_grad]`` is exactly the trained
@@ -140,7 +141,10 @@ def apply_scheme(model: nn.Module, scheme: SparseUpdateScheme) -> nn.Module:
         p.requires_grad_(False)
     clf = _classifier_name(model, scheme.classifier) if scheme.train_classifier else None
     modules = dict(model.named_modules())
-    for name in layer_names(model):
+    names = layer_names(model)
+    trains = [n == clf or n in scheme.bias_layers or n in scheme.weight_ratios for n in names]
+    first = trains.index(True) if any(trains) else len(names)
+    for i, name in enumerate(names):
         m = modules[name]
         if isinstance(m, (SparseConv2d, SparseLinear)):
             raise ValueError(f"apply_scheme: layer {name!r} is already sparse; apply a scheme to the "
@@ -151,7 +155,10 @@ def apply_scheme(model: nn.Module, scheme: SparseUpdateScheme) -> nn.Module:
             continue
         ratio = scheme.weight_ratios.get(name, 0.0)
         train_bias = name in scheme.bias_layers
-        if ratio == 0.0 and not train_bias:
+        # Below the first trained layer nothing is recorded at all. Above it, a frozen plain conv
+        # would save its whole input for its input gradient; a sparse one with nothing trained
+        # saves nothing.
+        if ratio == 0.0 and not train_bias and i < first:
             continue
         if isinstance(m, nn.Conv2d):
             new = SparseConv2d(m, ratio, train_bias)

@@ -57,17 +57,14 @@ def _channel_set(gm: fx.GraphModule, start: fx.Node, start_role: str) -> _Channe
         cs.nodes.add(key)
         if role == "consumer":  # reached going forward: the node reads the channels as input
             if node.op == "call_module":
-                m = modules[node.target]
-                if isinstance(m, (SparseConv2d, SparseLinear)):
-                    raise ValueError(f"reorder_channels: layer {node.target!r} is already sparse; "
-                                     f"reorder the plain model, then apply the scheme")
-                if _is_depthwise(m) or isinstance(m, _PASS_MODULES):
+                kind = _module_kind(modules[node.target], node.target)
+                if kind == "pass":
                     todo.append((node, "pass"))
-                    continue
-                if isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
+                elif kind == "layer":
                     cs.consumers.append(node.target)
-                    continue
-                fail(node, f"a {type(m).__name__} with groups={getattr(m, 'groups', '-')}")
+                else:
+                    fail(node, kind)
+                continue
             if _is_pass_function(node, modules):
                 todo.append((node, "pass"))
                 continue
@@ -77,19 +74,15 @@ def _channel_set(gm: fx.GraphModule, start: fx.Node, start_role: str) -> _Channe
             if node.op == "placeholder":
                 fail(node, "the model's input channels cannot be permuted")
             if node.op == "call_module":
-                m = modules[node.target]
-                if isinstance(m, (SparseConv2d, SparseLinear)):
-                    raise ValueError(f"reorder_channels: layer {node.target!r} is already sparse; "
-                                     f"reorder the plain model, then apply the scheme")
-                if _is_depthwise(m) or isinstance(m, _PASS_MODULES):
+                kind = _module_kind(modules[node.target], node.target)
+                if kind == "pass":
                     todo.append((node, "pass"))
-                    continue
-                if isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
+                elif kind == "layer":
                     cs.producers.append(node.target)
-                    for user in node.users:
-                        todo.append((user, "consumer"))
-                    continue
-                fail(node, f"a {type(m).__name__}")
+                    todo.extend((user, "consumer") for user in node.users)
+                else:
+                    fail(node, kind)
+                continue
             if _is_pass_function(node, modules):
                 todo.append((node, "pass"))
                 continue
@@ -105,6 +98,19 @@ def _channel_set(gm: fx.GraphModule, start: fx.Node, start_role: str) -> _Channe
     cs.consumers = sorted(set(cs.consumers))
     cs.channelwise = sorted(set(cs.channelwise))
     return cs
+
+
+def _module_kind(m: nn.Module, name: str) -> str:
+    """"pass" (channel-wise: same channels in and out), "layer" (a conv/linear that reads or writes
+    the channels through its weight), or why the module cannot be handled."""
+    if isinstance(m, (SparseConv2d, SparseLinear)):
+        raise ValueError(f"reorder_channels: layer {name!r} is already sparse; reorder the plain "
+                         f"model, then apply the scheme")
+    if _is_depthwise(m) or isinstance(m, _PASS_MODULES):
+        return "pass"
+    if isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
+        return "layer"
+    return f"a {type(m).__name__} with groups={getattr(m, 'groups', '-')}"
 
 
 def _is_pass_function(node: fx.Node, modules) -> bool:

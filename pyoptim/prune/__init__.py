@@ -1,4 +1,6 @@
 """PruneTrain (Lym et al., SC'19): group-lasso regularisation and channel pruning during training."""
+from .channel_graph import ChannelGraph, ChannelGroup, ChannelMember
 from .group_lasso import GroupLasso, group_lasso_penalty, group_lasso_targets
 
-__all__ = ["GroupLasso", "group_lasso_penalty", "group_lasso_targets"]
+__all__ = ["ChannelGraph", "ChannelGroup", "ChannelMember", "GroupLasso", "group_lasso_penalty",
+           "group_lasso_targets"]

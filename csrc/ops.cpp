@@ -41,6 +41,11 @@ TORCH_LIBRARY(pyoptim, m) {
   m.def(
       "sparse_linear_weight_grad(Tensor grad_out, Tensor x, bool bias_grad) "
       "-> (Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- channel compaction (PruneTrain's reconfiguration) --------------------------------------
+  // out[i] = tensors[i].index_select(dims[i], indices[i]) for a whole list in one pass: every
+  // parameter, gradient, optimizer state and BN statistic of a reconfigured model.
+  m.def("channel_compact(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]");
 }
 
 namespace {

@@ -1,4 +1,5 @@
 """Typed wrappers over ``torch.ops.pyoptim.*`` (one module per op family)."""
+from .channel_compact import channel_compact
 from .group_lasso import (
     group_lasso_grad_,
     group_lasso_norms,
@@ -13,6 +14,7 @@ from .sparse_update import (
 )
 
 __all__ = [
+    "channel_compact",
     "sparse_conv2d",
     "sparse_conv2d_weight_grad",
     "sparse_linear",

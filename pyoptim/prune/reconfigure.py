@@ -8,8 +8,9 @@ tensors, their gradients and the optimizer state (SGD momentum, Adam's ``exp_avg
 the old one's place in its module and in the same optimizer (its param group and state), so the
 optimizer keeps its hyper-parameters, param-group structure and scheduler links.
 
-This version compacts each tensor with one ``index_select`` (one pass per tensor, never a loop
-over channels); the multi-tensor compaction kernels are still to come.
+The compaction is one ``pyoptim.ops.channel_compact`` call per dim and device over every tensor it
+touches (C++ on CPU: one parallel loop over all rows of all tensors; CUDA: one launch), never a
+Python loop over channels.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..ops.channel_compact import channel_compact
 from .channel_graph import CHANNELWISE, CONSUMER, PRODUCER, ChannelGraph, ChannelGroup
 
 __all__ = ["reconfigure", "channel_keep_masks", "ReconfigureReport"]
@@ -124,6 +126,50 @@ def _resize_module(mod: nn.Module) -> None:
         mod.num_features = mod.weight.shape[0] if mod.weight is not None else mod.running_mean.shape[0]
 
 
+def _compact_pass(entries, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Compacts, along one dim each, the tensors named by ``entries`` (module, attribute, dim,
+    keep mask) together with their gradients and optimizer state, in one op call per device."""
+    by_device: Dict[torch.device, list] = {}
+    for mod, attr, dim, keep in entries:
+        t = getattr(mod, attr)
+        idx = keep.nonzero().flatten().to(t.device)
+        jobs = by_device.setdefault(t.device, [])
+        jobs.append(("value", mod, attr, t, None, t.detach().contiguous(), dim, idx))
+        if isinstance(t, nn.Parameter):
+            if t.grad is not None:
+                jobs.append(("grad", mod, attr, t, None, t.grad.contiguous(), dim, idx))
+            if optimizer is not None and t in optimizer.state:
+                for k, v in optimizer.state[t].items():
+                    if isinstance(v, Tensor) and v.shape == t.shape:
+                        jobs.append(("state", mod, attr, t, k, v.contiguous(), dim, idx))
+    for jobs in by_device.values():
+        outs = channel_compact([j[5] for j in jobs], [j[6] for j in jobs], [j[7] for j in jobs])
+        new_params: Dict[int, nn.Parameter] = {}
+        for (kind, mod, attr, t, key, _, _, _), out in zip(jobs, outs):
+            if kind == "value":
+                if isinstance(t, nn.Parameter):
+                    # a new Parameter rather than resizing .data: autograd caches a leaf's shape
+                    new_params[id(t)] = nn.Parameter(out, requires_grad=t.requires_grad)
+                else:  # a buffer: BN running statistics
+                    setattr(mod, attr, out)
+        for (kind, mod, attr, t, key, _, _, _), out in zip(jobs, outs):
+            if kind == "grad":
+                new_params[id(t)].grad = out
+        for (kind, mod, attr, t, key, _, _, _), out in zip(jobs, outs):
+            if kind == "value" and isinstance(t, nn.Parameter):
+                new = new_params[id(t)]
+                if optimizer is not None:
+                    state = optimizer.state.pop(t, None)
+                    if state is not None:
+                        optimizer.state[new] = dict(state)
+                    for group in optimizer.param_groups:
+                        group["params"] = [new if q is t else q for q in group["params"]]
+                setattr(mod, attr, new)
+        for (kind, mod, attr, t, key, _, _, _), out in zip(jobs, outs):
+            if kind == "state":
+                optimizer.state[new_params[id(t)]][key] = out
+
+
 @torch.no_grad()
 def reconfigure(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], example_input: Tensor,
                 threshold: float = 0.0, round_to: int = 1, graph: Optional[ChannelGraph] = None,
@@ -163,28 +209,12 @@ def reconfigure(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ex
                     per_tensor[key] = (mod, attr, m.dim, torch.ones(t.shape[m.dim], dtype=torch.bool))
                 per_tensor[key][3][m.indices(dropped)] = False
 
-    # A tensor sliced along two dims (a conv between two pruned groups) appears twice: compact
-    # dim by dim, always from the module's current tensor.
-    replaced: Dict[int, nn.Parameter] = {}   # id(original parameter) -> its compacted successor
-    for mod, attr, dim, keep in per_tensor.values():
-        t = getattr(mod, attr)
-        idx = keep.nonzero().flatten().to(t.device)
-        if isinstance(t, nn.Parameter):
-            # a new Parameter rather than resizing .data: autograd caches a leaf's shape
-            new = nn.Parameter(t.detach().index_select(dim, idx), requires_grad=t.requires_grad)
-            if t.grad is not None:
-                new.grad = t.grad.index_select(dim, idx)
-            if optimizer is not None:
-                state = optimizer.state.pop(t, None)
-                if state is not None:
-                    optimizer.state[new] = {k: (v.index_select(dim, idx)
-                                                if isinstance(v, Tensor) and v.shape == t.shape else v)
-                                            for k, v in state.items()}
-                for group in optimizer.param_groups:
-                    group["params"] = [new if q is t else q for q in group["params"]]
-            setattr(mod, attr, new)
-        else:  # a buffer: BN running statistics
-            setattr(mod, attr, t.index_select(dim, idx))
+    # A tensor sliced along two dims (a conv between two pruned groups) is compacted in two
+    # passes, dim 0 first; each pass is one channel_compact call over every parameter, gradient,
+    # optimizer state and buffer it touches (per device).
+    for dim in sorted({d for (_, d) in per_tensor}):
+        _compact_pass([(mod, attr, d, keep) for mod, attr, d, keep in per_tensor.values() if d == dim],
+                      optimizer)
     for mod in touched_modules.values():
         _resize_module(mod)
 

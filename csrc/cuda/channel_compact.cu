@@ -1,0 +1,238 @@
+// CUDA kernel of channel_compact, for the CUDA key.
+//
+// channel_compact(tensors, dims, indices)[i] == tensors[i].index_select(dims[i], indices[i]).
+// Every tensor is a [outer, size, inner] byte array (csrc/channel_compact.h); its output is
+// [outer, k, inner], and output row r = (o, j) is input row (o, indices[i][j]): one contiguous
+// chunk of inner_bytes bytes. The kernel copies bytes, so any dtype works.
+//
+// Launch structure (NVIDIA apex multi_tensor_apply style: one launch for the whole list).
+//   host : one metadata table (per-tensor pointers and tiling, plus prefix sums of each tensor's
+//          tiles) packed into a pinned buffer, copied H2D non_blocking on the current stream.
+//          Tensors with nothing to copy are left out of the table. A block finds its tensor by
+//          binary search over the prefix sums, so the table is O(#tensors), not O(#tiles).
+//   cc_copy_kernel : one block per tile (grid-stride). Rows are split into units of V bytes,
+//          V = the widest of 16/8/4/2/1 that divides inner_bytes and both base pointers. A tile is
+//          either rpt >= 1 whole rows of <= kTileUnits units in all, or (a long row) one chunk of
+//          <= kTileUnits units of one row. The block first resolves the source row of each of its
+//          rows (one index load and range check per row, into shared memory), then copies its
+//          units with consecutive threads on consecutive units (coalesced).
+// Out-of-range indices trip CUDA_KERNEL_ASSERT on the device (no host sync); the offending rows
+// are never read, even where device asserts are compiled out. Like CUDA index_select, indices are
+// only looked at where the output has bytes to write.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "../channel_compact.h"
+
+namespace pyoptim {
+namespace channel_compact {
+namespace {
+
+// 256 threads, 4 units each per tile: 16 KiB per tile with 16-byte units.
+constexpr int kThreads = 256;
+constexpr int kUnitsPerThread = 4;
+constexpr int kTileUnits = kThreads * kUnitsPerThread;
+
+struct TensorMeta {
+  const char* src;    // input, [outer, size, row_bytes]
+  char* dst;          // output, [outer, k, row_bytes]
+  const int64_t* idx; // [k]
+  int64_t k;          // kept indices
+  int64_t size;       // extent of the selected dim
+  int64_t row_bytes;  // inner_bytes (> 0)
+  int64_t units;      // units of vec bytes per row (> 0)
+  int64_t rows;       // output rows, outer * k (> 0)
+  int64_t rpt;        // rows per tile (1 for long rows)
+  int64_t cpr;        // tiles per row (chunks; 1 unless rpt == 1)
+  int64_t vec;        // unit width in bytes: 16, 8, 4, 2 or 1
+};
+static_assert(sizeof(TensorMeta) % alignof(int64_t) == 0, "table sections stay aligned");
+
+struct Table {
+  const TensorMeta* meta;
+  const int64_t* tile_start;  // [T+1], prefix sums of each tensor's tiles
+  int64_t T;
+};
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Largest t with start[t] <= item. start[0] == 0 <= item < start[T]; every tensor in the table has
+// at least one tile, but equal consecutive starts would be skipped all the same.
+__device__ __forceinline__ int64_t find_tensor(const int64_t* start, int64_t T, int64_t item) {
+  int64_t lo = 0, hi = T;
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (start[mid] <= item) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+template <int V> struct Unit;
+template <> struct Unit<16> { using type = uint4; };
+template <> struct Unit<8> { using type = uint2; };
+template <> struct Unit<4> { using type = uint32_t; };
+template <> struct Unit<2> { using type = uint16_t; };
+template <> struct Unit<1> { using type = uint8_t; };
+
+// Copies the tile's nr rows x w units (units [ub, ub + w) of each row). src_rows[rl] is the source
+// row of the tile's row rl, nullptr for an out-of-range index. nr * w <= kTileUnits.
+template <int V>
+__device__ __forceinline__ void copy_tile(const char* const* src_rows, char* dst_row0,
+                                          int64_t row_bytes, int nr, int w, int64_t ub) {
+  using U = typename Unit<V>::type;
+  const int n = nr * w;
+  U buf[kUnitsPerThread];
+  U* dst[kUnitsPerThread];
+  // All loads first, then all stores: kUnitsPerThread independent loads in flight per thread.
+#pragma unroll
+  for (int i = 0; i < kUnitsPerThread; ++i) {
+    const int e = static_cast<int>(threadIdx.x) + i * kThreads;
+    dst[i] = nullptr;
+    if (e < n) {
+      const int rl = nr == 1 ? 0 : e / w;
+      const int64_t u = ub + (e - rl * w);
+      const char* s = src_rows[rl];
+      if (s != nullptr) {
+        buf[i] = reinterpret_cast<const U*>(s)[u];
+        dst[i] = reinterpret_cast<U*>(dst_row0 + rl * row_bytes) + u;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kUnitsPerThread; ++i) {
+    if (dst[i] != nullptr) *dst[i] = buf[i];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) cc_copy_kernel(Table tab, int64_t n_tiles) {
+  __shared__ const char* src_rows[kTileUnits];  // rpt <= kTileUnits
+  for (int64_t item = blockIdx.x; item < n_tiles; item += gridDim.x) {
+    const int64_t t = find_tensor(tab.tile_start, tab.T, item);
+    const TensorMeta m = tab.meta[t];
+    const int64_t local = item - tab.tile_start[t];
+    const int64_t rt = local / m.cpr;
+    const int64_t c = local - rt * m.cpr;
+    const int64_t row0 = rt * m.rpt;
+    const int nr = static_cast<int>(m.rpt < m.rows - row0 ? m.rpt : m.rows - row0);
+    const int64_t ub = c * kTileUnits;
+    const int w = static_cast<int>(m.units - ub < kTileUnits ? m.units - ub : kTileUnits);
+    for (int rl = static_cast<int>(threadIdx.x); rl < nr; rl += kThreads) {
+      const int64_t r = row0 + rl;
+      const int64_t o = r / m.k;
+      const int64_t s = m.idx[r - o * m.k];
+      const bool in_range = s >= 0 && s < m.size;
+      CUDA_KERNEL_ASSERT(in_range && "channel_compact: index out of range");
+      src_rows[rl] = in_range ? m.src + (o * m.size + s) * m.row_bytes : nullptr;
+    }
+    __syncthreads();
+    char* dst_row0 = m.dst + row0 * m.row_bytes;
+    // m.vec depends only on the item: the branch is block-uniform.
+    switch (m.vec) {
+      case 16: copy_tile<16>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
+      case 8: copy_tile<8>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
+      case 4: copy_tile<4>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
+      case 2: copy_tile<2>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
+      default: copy_tile<1>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
+    }
+    __syncthreads();  // src_rows is rewritten by the next item
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+
+unsigned int grid_for(int64_t n) {
+  return static_cast<unsigned int>(std::min<int64_t>(n, std::numeric_limits<int32_t>::max()));
+}
+
+// Widest unit that divides the row length and both base pointers (hence every row start).
+int64_t unit_width(const void* src, const void* dst, int64_t row_bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
+                      static_cast<uintptr_t>(row_bytes);
+  for (int64_t v : {16, 8, 4, 2}) {
+    if ((a & static_cast<uintptr_t>(v - 1)) == 0) return v;
+  }
+  return 1;
+}
+
+std::vector<at::Tensor> channel_compact_cuda(at::TensorList tensors, at::IntArrayRef dims,
+                                             at::TensorList indices) {
+  const char* op = "channel_compact";
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(!tensors[i].defined() || tensors[i].is_cuda(), op, ": tensors[", i,
+                "] must be a CUDA tensor, got one on ", tensors[i].device());
+  }
+  const std::vector<Geometry> geo = check(tensors, dims, indices, op);
+  if (tensors.empty()) return {};
+  c10::cuda::CUDAGuard guard(tensors[0].device());
+  std::vector<at::Tensor> out = alloc_outputs(tensors, geo);
+
+  std::vector<TensorMeta> meta;
+  std::vector<int64_t> tile_start{0};
+  meta.reserve(tensors.size());
+  tile_start.reserve(tensors.size() + 1);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Geometry& g = geo[i];
+    const int64_t rows = g.outer * g.k;
+    if (rows == 0 || g.inner_bytes == 0) continue;  // empty output: nothing to copy
+    TensorMeta m{};
+    m.src = static_cast<const char*>(tensors[i].const_data_ptr());
+    m.dst = static_cast<char*>(out[i].mutable_data_ptr());
+    m.idx = indices[i].const_data_ptr<int64_t>();
+    m.k = g.k;
+    m.size = g.size;
+    m.row_bytes = g.inner_bytes;
+    m.vec = unit_width(m.src, m.dst, m.row_bytes);
+    m.units = m.row_bytes / m.vec;
+    m.rows = rows;
+    m.rpt = m.units >= kTileUnits ? 1 : kTileUnits / m.units;
+    m.cpr = ceil_div(m.units, kTileUnits);
+    meta.push_back(m);
+    tile_start.push_back(tile_start.back() + ceil_div(rows, m.rpt) * m.cpr);
+  }
+  const int64_t n_tiles = tile_start.back();
+  if (n_tiles == 0) return out;
+
+  // Pack the table into pinned memory and queue its H2D copy on the current stream. copy_ records
+  // the stream on the pinned block, so the caching host allocator will not recycle it before the
+  // copy is done; the device copy is freed stream-ordered after the kernel that reads it.
+  const size_t T = meta.size();
+  const size_t meta_bytes = T * sizeof(TensorMeta);
+  const size_t start_bytes = (T + 1) * sizeof(int64_t);
+  const int64_t total = static_cast<int64_t>(meta_bytes + start_bytes);
+  at::Tensor host = at::empty({total}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  uint8_t* h = host.mutable_data_ptr<uint8_t>();
+  std::memcpy(h, meta.data(), meta_bytes);
+  std::memcpy(h + meta_bytes, tile_start.data(), start_bytes);
+  at::Tensor table =
+      at::empty({total}, at::TensorOptions().dtype(at::kByte).device(tensors[0].device()));
+  table.copy_(host, /*non_blocking=*/true);
+  const uint8_t* d = table.const_data_ptr<uint8_t>();
+  const Table tab{reinterpret_cast<const TensorMeta*>(d),
+                  reinterpret_cast<const int64_t*>(d + meta_bytes), static_cast<int64_t>(T)};
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cc_copy_kernel<<<grid_for(n_tiles), kThreads, 0, stream>>>(tab, n_tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace channel_compact
+}  // namespace pyoptim
+
+TORCH_LIBRARY_IMPL(pyoptim, CUDA, m) {
+  m.impl("channel_compact", &pyoptim::channel_compact::channel_compact_cuda);
+}

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../channel_compact.h"
+#include "multi_tensor.cuh"
 
 namespace pyoptim {
 namespace channel_compact {
@@ -64,20 +65,8 @@ struct Table {
   int64_t T;
 };
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-// Largest t with start[t] <= item. start[0] == 0 <= item < start[T]; every tensor in the table has
-// at least one tile, but equal consecutive starts would be skipped all the same.
-__device__ __forceinline__ int64_t find_tensor(const int64_t* start, int64_t T, int64_t item) {
-  int64_t lo = 0, hi = T;
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (start[mid] <= item) lo = mid; else hi = mid;
-  }
-  return lo;
-}
+using pyoptim::cuda::ceil_div;
+using pyoptim::cuda::find_tensor;
 
 template <int V> struct Unit;
 template <> struct Unit<16> { using type = uint4; };

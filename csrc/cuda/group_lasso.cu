@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "../group_lasso.h"
+#include "multi_tensor.cuh"
 
 namespace pyoptim {
 namespace group_lasso {
@@ -90,21 +91,10 @@ struct Table {
   int64_t T;
 };
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+using pyoptim::cuda::ceil_div;
+using pyoptim::cuda::find_tensor;
 
-// Largest t with start[t] <= item. start[0] == 0 <= item < start[T], so empty tensors (equal
-// consecutive starts) are skipped: the answer always satisfies item < start[t+1].
-__device__ __forceinline__ int64_t find_tensor(const int64_t* start, int64_t T, int64_t item) {
-  int64_t lo = 0, hi = T;
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (start[mid] <= item) lo = mid; else hi = mid;
-  }
-  return lo;
-}
+__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 struct Tile {
   int64_t rb, re;  // rows [rb, re)

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import to_acc as _to_acc
+
 __all__ = [
     "group_lasso_norms",
     "group_lasso_norms_backward",
@@ -47,14 +49,6 @@ _MODE_PRUNE = 2
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _to_acc(x, IS_FP64: tl.constexpr):
-    if IS_FP64:
-        return x.to(tl.float64)
-    else:
-        return x.to(tl.float32)
-
-
 @triton.jit
 def _sqrt(x, IS_FP64: tl.constexpr):
     if IS_FP64:

@@ -54,6 +54,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import to_acc as _to_acc
+
 __all__ = ["conv2d_weight_grad", "linear_weight_grad"]
 
 _INT32_MAX = 2 ** 31 - 1
@@ -65,14 +67,6 @@ _MAX_SPLIT = 64
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _to_acc(x, IS_FP64: tl.constexpr):
-    if IS_FP64:
-        return x.to(tl.float64)
-    else:
-        return x.to(tl.float32)
-
-
 @triton.jit
 def _mma(a, b, acc, IS_FP32: tl.constexpr):
     """acc += a @ b; fp32 operands without tf32 (IEEE FMA), fp16/bf16 -> fp32, fp64 -> fp64."""

@@ -46,6 +46,26 @@ TORCH_LIBRARY(pyoptim, m) {
   // out[i] = tensors[i].index_select(dims[i], indices[i]) for a whole list in one pass: every
   // parameter, gradient, optimizer state and BN statistic of a reconfigured model.
   m.def("channel_compact(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]");
+
+  // ---- channel-union pruned convolution (PruneTrain's reconfigured blocks) --------------------
+  // Inference (BN folded into weight and bias): out = act(conv2d(x, weight, bias) + residual),
+  // act = ReLU when relu, identity otherwise; residual optional. One pass writes the output.
+  m.def(
+      "channel_union_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
+      "int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool relu=True) -> Tensor");
+  // Training tail over a conv output x [N, C, H, W] with batch statistics over (N, H, W):
+  // out = act(weight * (x - mean) * invstd + bias + residual); mean/invstd returned for the
+  // backward and the running statistics (var = invstd^-2 - eps, biased).
+  m.def(
+      "batch_norm_add_relu(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps, "
+      "bool relu=True) -> (Tensor out, Tensor mean, Tensor invstd)");
+  // Its backward: g = grad_out * (out > 0) (relu) or grad_out; grad_residual = g (empty unless
+  // residual_grad); grad_weight = sum(g * xhat), grad_bias = sum(g),
+  // grad_x = weight * invstd * (g - grad_bias / M - xhat * grad_weight / M), M = N*H*W.
+  m.def(
+      "batch_norm_add_relu_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, "
+      "Tensor mean, Tensor invstd, bool relu, bool residual_grad) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }
 
 namespace {

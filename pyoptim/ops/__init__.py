@@ -1,5 +1,12 @@
 """Typed wrappers over ``torch.ops.pyoptim.*`` (one module per op family)."""
 from .channel_compact import channel_compact
+from .channel_union_conv import (
+    batch_norm_add_relu,
+    batch_norm_add_relu_backward,
+    channel_union_conv2d,
+    conv_bn_add_relu,
+    fold_batch_norm,
+)
 from .group_lasso import (
     group_lasso_grad_,
     group_lasso_norms,
@@ -15,6 +22,11 @@ from .sparse_update import (
 
 __all__ = [
     "channel_compact",
+    "channel_union_conv2d",
+    "batch_norm_add_relu",
+    "batch_norm_add_relu_backward",
+    "conv_bn_add_relu",
+    "fold_batch_norm",
     "sparse_conv2d",
     "sparse_conv2d_weight_grad",
     "sparse_linear",

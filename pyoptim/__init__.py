@@ -12,6 +12,7 @@ from ._backend import backends, get_backend, set_backend, use_backend
 from . import ops, reference  # noqa: E402  (registers fake kernels, autograd, fallbacks)
 from .prune.group_lasso import GroupLasso, group_lasso_penalty, group_lasso_targets
 from . import models, sparse  # noqa: E402
+from .train import Trainer, load  # noqa: E402  (pyoptim.load: rebuild a trainer from a checkpoint)
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,8 @@ __all__ = [
     "GroupLasso",
     "group_lasso_penalty",
     "group_lasso_targets",
+    "Trainer",
+    "load",
 ]
 
 import os as _os

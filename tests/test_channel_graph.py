@@ -81,6 +81,29 @@ class SqueezeExcite(nn.Module):
         return F.log_softmax(self.fc(x), dim=1)
 
 
+class CatAdd(nn.Module):
+    """Adds between concatenations and single conv outputs, cut differently ([4, 6] and [6, 4]):
+    the single conv's channels (and the concatenated parts) split into the groups of the cuts."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 3, padding=1)
+        self.c = nn.Conv2d(8, 10, 1)
+        self.e, self.f = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 4, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.d = nn.Conv2d(10, 10, 1)
+        self.fc = nn.Linear(10, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.c(x) + torch.cat([self.a(x), self.b(x)], 1)
+        y = y + torch.cat([self.e(x), self.f(x)], 1)
+        y = torch.relu(self.bn(y))
+        y = y + self.d(y)        # a single block again, added to the split tensor
+        return self.fc(y.mean((2, 3)))
+
+
 def randomize(model, seed=0):
     """float64, eval, and every BN / bias non-trivial (an identity BN would hide a missed member)."""
     torch.manual_seed(seed)
@@ -105,6 +128,7 @@ MODELS = {
     "densenet": (lambda: TinyDenseNet(10), 16),
     "reuse": (lambda: Reuse(), 8),
     "squeeze_excite": (lambda: SqueezeExcite(), 8),
+    "cat_add": (lambda: CatAdd(), 8),
 }
 
 
@@ -200,6 +224,23 @@ def test_concatenation_offsets_and_flatten_repeat():
     assert (fc_ac.offset, fc_ac.repeat, fc_bd.offset, fc_bd.repeat) == (0, 16, 96, 16)
     assert [m.offset for m in bd.members if m.module == "dw"] == [6]
     assert "repeat" not in repr(fc_ac) and "x16" in repr(fc_ac)
+
+
+def test_an_add_of_a_concatenation_and_a_single_block_splits_the_block():
+    cg = ChannelGraph(randomize(CatAdd()), torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    # the cuts of [a(4), b(6)] and [e(6), f(4)] meet at 4 and 6: three groups over c's 10 channels
+    parts = cg.groups_of("c", "producer")
+    assert [g.size for g in parts] == [4, 2, 4] and all(g.prunable for g in parts)
+    first, middle, last = parts
+    assert cg.group_of("a", "producer") is first and cg.group_of("f", "producer") is last
+    assert cg.groups_of("b", "producer") == [middle, last]
+    assert cg.groups_of("e", "producer") == [first, middle]
+    assert cg.groups_of("d", "producer") == parts and cg.groups_of("bn", "channelwise") == parts
+    offsets = {g.index: sorted((m.module, m.kind, m.offset, m.size) for m in g.members) for g in parts}
+    assert ("b", "producer", 0, 2) in offsets[middle.index] and ("b", "producer", 2, 4) in offsets[last.index]
+    assert ("c", "producer", 4, 2) in offsets[middle.index] and ("fc", "consumer", 6, 4) in offsets[last.index]
+    assert cg.node_layout("add") == [(first.index, 4, 1), (middle.index, 2, 1), (last.index, 4, 1)]
+    assert [g.index for g in cg.groups] == list(range(len(cg.groups)))
 
 
 def test_vgg_flatten_repeat():

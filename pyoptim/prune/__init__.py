@@ -2,8 +2,8 @@
 from .channel_graph import ChannelGraph, ChannelGroup, ChannelMember
 from .fuse import FusedConvBN, FusedModel, fuse_blocks
 from .group_lasso import GroupLasso, group_lasso_penalty, group_lasso_targets
-from .reconfigure import ReconfigureReport, channel_keep_masks, reconfigure
+from .reconfigure import GroupRemoval, ReconfigureReport, channel_keep_masks, plan_group_removal, reconfigure
 
 __all__ = ["ChannelGraph", "ChannelGroup", "ChannelMember", "FusedConvBN", "FusedModel", "fuse_blocks",
-           "GroupLasso", "group_lasso_penalty", "group_lasso_targets", "ReconfigureReport",
-           "channel_keep_masks", "reconfigure"]
+           "GroupLasso", "group_lasso_penalty", "group_lasso_targets", "GroupRemoval", "ReconfigureReport",
+           "channel_keep_masks", "plan_group_removal", "reconfigure"]

@@ -23,7 +23,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn import functional as F
 
-__all__ = ["ChannelGraph", "ChannelGroup", "ChannelMember"]
+__all__ = ["ChannelGraph", "ChannelGroup", "ChannelMember", "symbolic_trace"]
 
 PRODUCER, CONSUMER, CHANNELWISE = "producer", "consumer", "channelwise"
 _KINDS = (PRODUCER, CONSUMER, CHANNELWISE)
@@ -170,12 +170,16 @@ class _UnionFind:
         self.size: List[int] = []
         self.members: List[List[ChannelMember]] = []
         self.reasons: List[List[str]] = []
+        self.order: List[Tuple[int, ...]] = []           # graph order, kept by the halves of a split
+        # a split space -> (its first half, its second half, the size of the first)
+        self.split: Dict[int, Tuple[int, int, int]] = {}
 
-    def new(self, size: int) -> int:
+    def new(self, size: int, order: Optional[Tuple[int, ...]] = None) -> int:
         self.parent.append(len(self.parent))
         self.size.append(size)
         self.members.append([])
         self.reasons.append([])
+        self.order.append((len(self.parent) - 1,) if order is None else order)
         return len(self.parent) - 1
 
     def find(self, a: int) -> int:
@@ -195,6 +199,61 @@ class _UnionFind:
         self.parent[b] = a
         return a
 
+    def split_class(self, space: int, k: int) -> None:
+        """Splits every space of ``space``'s class into its first ``k`` channels and the rest: each
+        member is split the same way, and the first halves (and the second halves) form a class."""
+        root = self.find(space)
+        n = self.size[root]
+        if not 0 < k < n:
+            raise AssertionError(f"split of a channel space of size {n} at {k}")
+        firsts, seconds = [], []
+        for t in range(len(self.parent)):
+            if t in self.split or self.find(t) != root:
+                continue
+            a, b = self.new(k, self.order[t] + (0,)), self.new(n - k, self.order[t] + (1,))
+            for m in self.members[t]:
+                self.members[a].append(ChannelMember(m.module, m.kind, m.offset, k, m.repeat, m.groups))
+                self.members[b].append(ChannelMember(m.module, m.kind, m.offset + k * m.repeat, n - k,
+                                                     m.repeat, m.groups))
+            self.reasons[a] = list(self.reasons[t])
+            self.reasons[b] = list(self.reasons[t])
+            self.members[t], self.reasons[t] = [], []
+            self.split[t] = (a, b, k)
+            firsts.append(a)
+            seconds.append(b)
+        for half in (firsts, seconds):
+            for t in half[1:]:
+                self.union(half[0], t)
+
+    def resolve(self, layout):
+        """A layout with every split space replaced by its halves."""
+        if not isinstance(layout, tuple) or not any(s in self.split for s, _, _ in layout):
+            return layout
+        out: List[Segment] = []
+        for s, n, r in layout:
+            if s in self.split:
+                a, b, k = self.split[s]
+                out.extend(self.resolve(((a, k, r), (b, n - k, r))))
+            else:
+                out.append((s, n, r))
+        return tuple(out)
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx``'s default tracer, with modules flagged ``_pyoptim_fx_leaf`` (the constant-branch
+    modules :func:`pyoptim.prune.reconfigure` puts in place of a removed residual branch) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return bool(getattr(m, "_pyoptim_fx_leaf", False)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` that keeps a reconfigured model's constant-branch modules whole
+    (leaves): traced through, their train/eval branch would be fixed at trace time."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
 
 class ChannelGraph:
     """The channel groups of ``model`` (traced with ``torch.fx.symbolic_trace`` and shape-propagated
@@ -208,12 +267,16 @@ class ChannelGraph:
     output channels of grouped (not depthwise) convs, channels a softmax normalises over, and
     size-1 channel dims broadcast across the channels in an elementwise op.
 
+    Tensors joined elementwise but cut differently (a concatenation added to one conv's output)
+    split their channel spaces at every cut of either side, members included: the conv's output
+    then lies in several groups (``groups_of``).
+
     The example input's batch should be at least 2, so that reshapes can tell the batch dim apart.
     """
 
     def __init__(self, model: nn.Module, example_input: Union[Tensor, Sequence[Tensor]]):
         self.model = model
-        self.gm = fx.symbolic_trace(model)
+        self.gm = symbolic_trace(model)
         inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
         modes = {m: m.training for m in model.modules()}
         try:
@@ -229,6 +292,9 @@ class ChannelGraph:
         self._module_io: Dict[str, Tuple[Layout, Layout]] = {}
         for node in self.gm.graph.nodes:
             self._values[node] = self._visit(node)
+        uf = self._uf
+        self._values = {n: uf.resolve(v) for n, v in self._values.items()}
+        self._module_io = {k: (uf.resolve(a), uf.resolve(b)) for k, (a, b) in self._module_io.items()}
         self._collect()
 
     # ------------------------------------------------------------------------------------------
@@ -255,6 +321,13 @@ class ChannelGraph:
             raise ValueError(f"ChannelGraph: {module_name!r} ({kind}) is in {len(gs)} groups "
                              f"({[g.index for g in gs]}); use groups_of()")
         return gs[0]
+
+    def _node_groups(self, node: fx.Node) -> Optional[List[int]]:
+        """The group index of every segment of ``node``'s channel dim; ``None`` without a layout."""
+        v = self._values.get(node)
+        if not isinstance(v, tuple):
+            return None
+        return [self._group_index[self._uf.find(s)] for s, _, _ in v]
 
     def node_layout(self, node_name: str) -> List[Tuple[int, int, int]]:
         """The channel dim of an fx node's output as ``(group index, size, repeat)`` segments."""
@@ -305,7 +378,8 @@ class ChannelGraph:
     def _collect(self) -> None:
         uf = self._uf
         roots: Dict[int, ChannelGroup] = {}
-        for s in range(len(uf.parent)):   # space ids are in graph order
+        live = [s for s in range(len(uf.parent)) if s not in uf.split]
+        for s in sorted(live, key=lambda t: uf.order[t]):   # graph order (a split keeps its place)
             r = uf.find(s)
             if r not in roots:
                 roots[r] = ChannelGroup(index=len(roots), size=uf.size[r])
@@ -341,23 +415,56 @@ class ChannelGraph:
         return ((self._uf.new(size), size, 1),)
 
     def _fix(self, layout: Layout, why: str) -> None:
-        for s, _, _ in layout:
+        for s, _, _ in self._uf.resolve(layout):
             if why not in self._uf.reasons[s]:
                 self._uf.reasons[s].append(why)
 
     def _add_members(self, layout: Layout, module: str, kind: str, groups: int = 1) -> None:
         off = 0
-        for s, n, r in layout:
+        for s, n, r in self._uf.resolve(layout):
             self._uf.members[s].append(ChannelMember(module, kind, off, n, r, groups))
             off += n * r
 
     def _union_layouts(self, node: fx.Node, a: Layout, b: Layout) -> Layout:
+        """Joins two layouts of the same channel dim segment by segment. Where they are cut
+        differently (a concatenation added to a single conv output), the spaces are split at every
+        cut of either side first — with all their members — so the groups follow the finer cut."""
+        uf = self._uf
+        a, b = uf.resolve(a), uf.resolve(b)
+        orig = ([(n, r) for _, n, r in a], [(n, r) for _, n, r in b])
+        if self._width(a) != self._width(b):
+            self._fail(node, f"it joins channel dims of different widths ({orig[0]} vs {orig[1]})")
+
+        def cuts(layout):
+            out, off = [], 0
+            for _, n, r in layout:
+                out.append((off, n, r))
+                off += n * r
+            return out
+
+        while True:
+            ca, cb = cuts(a), cuts(b)
+            starts_a, starts_b = {o for o, _, _ in ca}, {o for o, _, _ in cb}
+            if starts_a == starts_b:
+                break
+            for layout, segs, other in ((a, ca, starts_b), (b, cb, starts_a)):
+                for (s, n, r), (off, _, _) in zip(layout, segs):
+                    inside = sorted(p for p in other if off < p < off + n * r)
+                    if inside:
+                        if (inside[0] - off) % r:
+                            self._fail(node, f"it joins channel dims concatenated differently ({orig[0]} "
+                                             f"vs {orig[1]}), with a cut inside a flattened channel")
+                        uf.split_class(s, (inside[0] - off) // r)
+                        break
+                else:
+                    continue
+                break
+            a, b = uf.resolve(a), uf.resolve(b)
         if [(n, r) for _, n, r in a] != [(n, r) for _, n, r in b]:
-            self._fail(node, f"it joins channel dims concatenated differently "
-                             f"({[(n, r) for _, n, r in a]} vs {[(n, r) for _, n, r in b]})")
+            self._fail(node, f"it joins channel dims concatenated differently ({orig[0]} vs {orig[1]})")
         for (sa, _, _), (sb, _, _) in zip(a, b):
-            self._uf.union(sa, sb)
-        return a
+            uf.union(sa, sb)
+        return uf.resolve(a)
 
     @staticmethod
     def _width(layout: Layout) -> int:
@@ -379,7 +486,7 @@ class ChannelGraph:
         v = self._values.get(arg) if isinstance(arg, fx.Node) else None
         if not isinstance(v, tuple):
             self._fail(node, f"its input {arg} has no channel layout")
-        return v
+        return self._uf.resolve(v)
 
     def _only_first_is_channel(self, node: fx.Node) -> Layout:
         """The layout of ``args[0]``; any other argument must be a non-tensor."""
@@ -404,6 +511,8 @@ class ChannelGraph:
             return layout
         if node.op == "get_attr":
             return self._fresh(node)
+        if node.op == "call_module" and getattr(self._modules[node.target], "_pyoptim_const_source", False):
+            return self._visit_const_source(node)
         if node.op == "output":
             for a in self._arg_nodes(node):
                 v = self._values.get(a)
@@ -420,6 +529,19 @@ class ChannelGraph:
         if node.op == "call_method":
             return self._visit_method(node)
         self._fail(node, "unknown node kind")
+
+    def _visit_const_source(self, node: fx.Node) -> Layout:
+        """A removed branch's constant (reconfigure's ``_ConstSource``: no input, a ``(1, C, 1, ...)``
+        tensor holding the old conv's bias): a new space whose ``producer`` member is the bias."""
+        name = node.target
+        shape = self._shape(node)
+        if node.args or node.kwargs or shape is None or len(shape) < 2:
+            self._fail(node, "a constant branch source called with inputs or without a channel dim")
+        if name in self._module_io:
+            return self._check(node, self._module_io[name][1])
+        out = self._new_layout(shape[1])
+        self._add_members(out, name, PRODUCER)
+        return self._record(name, (), out, node)
 
     def _visit_module(self, node: fx.Node) -> Layout:
         name = node.target
@@ -488,7 +610,7 @@ class ChannelGraph:
             return None
         x0, out0 = self._module_io[name]
         self._union_layouts(node, x0, x)
-        return self._check(node, out0)
+        return self._check(node, self._uf.resolve(out0))
 
     def _record(self, name: str, x: Layout, out: Layout, node: fx.Node) -> Layout:
         self._module_io[name] = (x, out)
@@ -567,6 +689,7 @@ class ChannelGraph:
                 continue
             if len(shape) != len(out_shape):
                 self._fail(node, f"broadcast of {a.name!r} {shape} to {out_shape} moves its channel dim")
+            v = self._uf.resolve(v)
             if shape[1] == c:
                 result = v if result is None else self._union_layouts(node, result, v)
             elif shape[1] == 1:
@@ -575,7 +698,7 @@ class ChannelGraph:
                 self._fail(node, f"channel counts {shape[1]} vs {c}")
         if result is None:
             self._fail(node, "no input carries the output's channels")
-        return self._check(node, result)
+        return self._check(node, self._uf.resolve(result))
 
     def _cat(self, node: fx.Node) -> Layout:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -590,7 +713,7 @@ class ChannelGraph:
         result = layouts[0]
         for l in layouts[1:]:
             result = self._union_layouts(node, result, l)
-        return self._check(node, result)
+        return self._check(node, self._uf.resolve(result))
 
     def _reshape(self, node: fx.Node, x: Layout) -> Layout:
         """view/reshape/flatten/squeeze/unsqueeze, by shapes: the batch dim must stay, and the new

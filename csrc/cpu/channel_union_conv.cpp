@@ -268,30 +268,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_add_relu_cpu(
   return {out, mean_t, invstd_t};
 }
 
-template <typename scalar_t>
+// Backward, templated on the ReLU and on writing grad_residual so the inner loops carry no
+// runtime branch and vectorise. Per-plane sums run in the accumulation type over blocks of
+// kSumBlock elements (short enough that float stays exact to ~1e-7) and are added in double.
+constexpr int64_t kSumBlock = 512;
+
+template <typename scalar_t, bool RELU, bool GRAD_RES>
 void bn_backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x,
                         const std::vector<double>& w, const std::vector<double>& mean,
-                        const std::vector<double>& invstd, bool relu, const Geometry& g,
-                        at::Tensor& grad_x, at::Tensor* grad_res, std::vector<double>& sum_g,
+                        const std::vector<double>& invstd, const Geometry& g, at::Tensor& grad_x,
+                        at::Tensor* grad_res, std::vector<double>& sum_g,
                         std::vector<double>& sum_gxhat) {
+  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* op = out.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t C = g.C;
+  auto masked = [&](int64_t e) -> acc_t {
+    const acc_t gv = static_cast<acc_t>(gp[e]);
+    if constexpr (RELU) {
+      return static_cast<acc_t>(op[e]) > acc_t(0) ? gv : acc_t(0);
+    } else {
+      return gv;
+    }
+  };
   // pass 1: per-plane / per-chunk sums of g and g * (x - mean)
-  int64_t parts = g.channels_last ? (g.M() + kRowsPerChunk - 1) / kRowsPerChunk : g.N;
+  const int64_t parts = g.channels_last ? (g.M() + kRowsPerChunk - 1) / kRowsPerChunk : g.N;
   std::vector<double> s1(parts * C, 0.0), s2(parts * C, 0.0);
+  std::vector<acc_t> mu(C);
+  for (int64_t c = 0; c < C; ++c) mu[c] = static_cast<acc_t>(mean[c]);
   if (!g.channels_last) {
     at::parallel_for(0, g.N * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t c = p % C, base = p * g.HW;
-        const double mu = mean[c];
+        const int64_t base = p * g.HW;
+        const acc_t m = mu[p % C];
         double a = 0, q = 0;
-#pragma omp simd reduction(+ : a, q)
-        for (int64_t i = 0; i < g.HW; ++i) {
-          const double gv = (!relu || static_cast<double>(op[base + i]) > 0) ? static_cast<double>(gp[base + i]) : 0.0;
-          a += gv;
-          q += gv * (static_cast<double>(xp[base + i]) - mu);
+        for (int64_t i0 = 0; i0 < g.HW; i0 += kSumBlock) {
+          const int64_t i1 = std::min(g.HW, i0 + kSumBlock);
+          acc_t fa = 0, fq = 0;
+#pragma omp simd reduction(+ : fa, fq)
+          for (int64_t i = i0; i < i1; ++i) {
+            const acc_t gv = masked(base + i);
+            fa += gv;
+            fq += gv * (static_cast<acc_t>(xp[base + i]) - m);
+          }
+          a += fa;
+          q += fq;
         }
         s1[p] = a;
         s2[p] = q;
@@ -300,18 +322,23 @@ void bn_backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const
   } else {
     const int64_t rows = g.M();
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> fa(C), fq(C);
       for (int64_t j = begin; j < end; ++j) {
-        double* a = s1.data() + j * C;
-        double* q = s2.data() + j * C;
+        std::fill(fa.begin(), fa.end(), acc_t(0));
+        std::fill(fq.begin(), fq.end(), acc_t(0));
         const int64_t r1 = std::min(rows, (j + 1) * kRowsPerChunk);
         for (int64_t r = j * kRowsPerChunk; r < r1; ++r) {
           const int64_t base = r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const double gv = (!relu || static_cast<double>(op[base + c]) > 0) ? static_cast<double>(gp[base + c]) : 0.0;
-            a[c] += gv;
-            q[c] += gv * (static_cast<double>(xp[base + c]) - mean[c]);
+            const acc_t gv = masked(base + c);
+            fa[c] += gv;
+            fq[c] += gv * (static_cast<acc_t>(xp[base + c]) - mu[c]);
           }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          s1[j * C + c] = fa[c];
+          s2[j * C + c] = fq[c];
         }
       }
     });
@@ -319,9 +346,8 @@ void bn_backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const
   sum_g.assign(C, 0.0);
   sum_gxhat.assign(C, 0.0);
   const double M = static_cast<double>(g.M());
-  using acc_t = at::opmath_type<scalar_t>;
   // grad_x = k1 * g - k2 - k3 * (x - mean) with per-channel k1, k2, k3
-  std::vector<acc_t> k1(C), k2(C), k3(C), mu(C);
+  std::vector<acc_t> k1(C), k2(C), k3(C);
   for (int64_t c = 0; c < C; ++c) {
     double a = 0, q = 0;
     for (int64_t j = 0; j < parts; ++j) {
@@ -334,27 +360,30 @@ void bn_backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, const
     k1[c] = static_cast<acc_t>(s);
     k2[c] = static_cast<acc_t>(s * a / M);
     k3[c] = static_cast<acc_t>(s * invstd[c] * invstd[c] * q / M);
-    mu[c] = static_cast<acc_t>(mean[c]);
   }
   scalar_t* gx = grad_x.data_ptr<scalar_t>();
-  scalar_t* gr = grad_res ? grad_res->data_ptr<scalar_t>() : nullptr;
-  auto apply = [&](int64_t e, acc_t a1, acc_t a2, acc_t a3, acc_t m) {
-    const acc_t gv = (!relu || static_cast<acc_t>(op[e]) > acc_t(0)) ? static_cast<acc_t>(gp[e]) : acc_t(0);
-    gx[e] = static_cast<scalar_t>(a1 * gv - a2 - a3 * (static_cast<acc_t>(xp[e]) - m));
-    if (gr) gr[e] = static_cast<scalar_t>(gv);
-  };
+  scalar_t* gr = GRAD_RES ? grad_res->data_ptr<scalar_t>() : nullptr;
   for_each_run(
       g,
       [&](int64_t c, int64_t start, int64_t n) {
         const acc_t a1 = k1[c], a2 = k2[c], a3 = k3[c], m = mu[c];
 #pragma omp simd
-        for (int64_t i = start; i < start + n; ++i) apply(i, a1, a2, a3, m);
+        for (int64_t e = start; e < start + n; ++e) {
+          const acc_t gv = masked(e);
+          gx[e] = static_cast<scalar_t>(a1 * gv - a2 - a3 * (static_cast<acc_t>(xp[e]) - m));
+          if constexpr (GRAD_RES) gr[e] = static_cast<scalar_t>(gv);
+        }
       },
       [&](int64_t start, int64_t nrows) {
         for (int64_t r = 0; r < nrows; ++r) {
           const int64_t base = start + r * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) apply(base + c, k1[c], k2[c], k3[c], mu[c]);
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t e = base + c;
+            const acc_t gv = masked(e);
+            gx[e] = static_cast<scalar_t>(k1[c] * gv - k2[c] - k3[c] * (static_cast<acc_t>(xp[e]) - mu[c]));
+            if constexpr (GRAD_RES) gr[e] = static_cast<scalar_t>(gv);
+          }
         }
       });
 }
@@ -375,8 +404,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_add_relu_b
   std::vector<double> sum_g, sum_gxhat;
   const auto w = as_double(weight), mu = as_double(mean), is = as_double(invstd);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_add_relu_backward", [&] {
-    bn_backward_kernel<scalar_t>(grad_out, out, x, w, mu, is, relu, g, grad_x,
-                                 residual_grad ? &grad_res : nullptr, sum_g, sum_gxhat);
+    at::Tensor* gr = residual_grad ? &grad_res : nullptr;
+    if (relu && residual_grad) {
+      bn_backward_kernel<scalar_t, true, true>(grad_out, out, x, w, mu, is, g, grad_x, gr, sum_g, sum_gxhat);
+    } else if (relu) {
+      bn_backward_kernel<scalar_t, true, false>(grad_out, out, x, w, mu, is, g, grad_x, gr, sum_g, sum_gxhat);
+    } else if (residual_grad) {
+      bn_backward_kernel<scalar_t, false, true>(grad_out, out, x, w, mu, is, g, grad_x, gr, sum_g, sum_gxhat);
+    } else {
+      bn_backward_kernel<scalar_t, false, false>(grad_out, out, x, w, mu, is, g, grad_x, gr, sum_g, sum_gxhat);
+    }
   });
   const auto opts = at::TensorOptions().dtype(at::kDouble);
   return {grad_x, at::tensor(sum_gxhat, opts).to(weight.scalar_type()),

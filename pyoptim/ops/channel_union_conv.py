@@ -388,9 +388,16 @@ def conv_bn_add_relu(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
         else:
             w, b = fold_batch_norm(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                                    bn.running_var, bn.eps)
+        if residual is not None and residual.dim() == 4 and residual.shape[2:] == (1, 1):
+            if residual.shape[0] == 1:  # a per-channel addend folds into the bias
+                b = b + residual.reshape(-1).to(b.dtype)
+                residual = None
         return channel_union_conv2d(x, w, b, residual, conv.stride, conv.padding, conv.dilation,
                                     conv.groups, relu)
     y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if residual is not None and residual.shape != y.shape:
+        # a broadcast addend (e.g. the per-channel constant of a removed residual branch)
+        residual = residual.expand_as(y)
     acc = ref.acc_dtype(y.dtype)
     C = y.shape[1]
     weight = bn.weight if bn.weight is not None else torch.ones(C, dtype=acc, device=y.device)

@@ -2,8 +2,9 @@
 from .channel_graph import ChannelGraph, ChannelGroup, ChannelMember
 from .fuse import FusedConvBN, FusedModel, fuse_blocks
 from .group_lasso import GroupLasso, group_lasso_penalty, group_lasso_targets
+from .prunetrain import PruneTrain
 from .reconfigure import GroupRemoval, ReconfigureReport, channel_keep_masks, plan_group_removal, reconfigure
 
 __all__ = ["ChannelGraph", "ChannelGroup", "ChannelMember", "FusedConvBN", "FusedModel", "fuse_blocks",
-           "GroupLasso", "group_lasso_penalty", "group_lasso_targets", "GroupRemoval", "ReconfigureReport",
+           "GroupLasso", "group_lasso_penalty", "group_lasso_targets", "GroupRemoval", "PruneTrain", "ReconfigureReport",
            "channel_keep_masks", "plan_group_removal", "reconfigure"]

@@ -1,0 +1,203 @@
+"""PruneTrain (Lym et al., SC'19) as a plug-in of :class:`pyoptim.train.Trainer`.
+
+* Group lasso from the very first step: ``lam`` is set once, at the first batch, by the
+  lasso-penalty-ratio rule ``lam = lpr * loss / ((1 - lpr) * penalty)`` (under DDP from the loss
+  averaged over the ranks, so every rank gets the same ``lam``) and kept fixed; the fused
+  ``group_lasso_grad_`` op adds its gradient right after ``backward()``.
+* Every ``interval`` epochs (or steps): groups whose norm fell under ``threshold`` are zeroed,
+  the channel-union keep-sets are decided (under DDP: the union over the ranks, so all ranks
+  agree), and the model is reconfigured in process — parameters, BN statistics, optimizer state
+  compacted; the LR scheduler and the AMP scaler carry on; DDP is rebuilt by the trainer.
+* Dynamic mini-batch: when the training FLOPs per sample have fallen by a factor ``r`` since the
+  start, the global batch grows to ``round(batch0 * r)`` (a multiple of ``batch_multiple`` and of
+  the world size, at most ``max_batch_size``) and the learning rate is scaled by the same ratio
+  (``Trainer.set_batch_size``); the loader continues the epoch without losing or repeating samples.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..train.plugin import Plugin
+from .channel_graph import ChannelGraph
+from .fuse import FusedModel, fuse_blocks
+from .group_lasso import GroupLasso
+from .reconfigure import channel_keep_masks, reconfigure
+
+__all__ = ["PruneTrain"]
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class PruneTrain(Plugin):
+    """Args:
+        lpr: lasso-penalty ratio (the penalty's share of the loss at the first step).
+        interval: reconfigure every ``interval`` epochs (``interval_unit="epoch"``) or steps.
+        threshold: channel groups with an L2 norm below it are zeroed before reconfiguring.
+        grow_batch: grow the global batch (and the LR) as the FLOPs per sample fall.
+        round_to: channel counts kept at multiples of it (8 for tensor cores).
+        max_batch_size: upper bound of the grown batch (default: 8x the starting batch; on CUDA
+            also bounded by the free memory measured at the reconfiguration).
+        batch_multiple: the grown batch is a multiple of it (and of the world size).
+        fuse: run the reconfigured model through :func:`pyoptim.prune.fuse_blocks`.
+        lam: a fixed coefficient instead of the LPR rule.
+    """
+
+    name = "prunetrain"
+
+    def __init__(self, lpr: float = 0.2, interval: int = 10, threshold: float = 1e-4,
+                 grow_batch: bool = True, round_to: int = 1, max_batch_size: Optional[int] = None,
+                 batch_multiple: int = 8, interval_unit: str = "epoch", fuse: bool = False,
+                 lam: Optional[float] = None, include_linear: bool = False):
+        if interval < 1:
+            raise ValueError(f"PruneTrain: interval must be >= 1, got {interval}")
+        if interval_unit not in ("epoch", "step"):
+            raise ValueError(f"PruneTrain: interval_unit must be 'epoch' or 'step', got {interval_unit!r}")
+        if threshold < 0:
+            raise ValueError(f"PruneTrain: threshold must be >= 0, got {threshold}")
+        self.lpr, self.interval, self.threshold = lpr, int(interval), float(threshold)
+        self.grow_batch, self.round_to = bool(grow_batch), int(round_to)
+        self.max_batch_size, self.batch_multiple = max_batch_size, int(batch_multiple)
+        self.interval_unit, self.fuse = interval_unit, bool(fuse)
+        self.include_linear = include_linear
+        self.lam: Optional[float] = lam
+        self.gl: Optional[GroupLasso] = None
+        self.flops_per_sample0: Optional[float] = None
+        self.flops_per_sample: Optional[float] = None
+        self.batch_size0: Optional[int] = None
+        self.channels: Optional[int] = None
+        self.events: List[Dict[str, Any]] = []
+        self._penalty = None
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _base(model):
+        return model.unfused if isinstance(model, FusedModel) else model
+
+    def _attach(self, trainer) -> None:
+        self.gl = GroupLasso(self._base(trainer.model), lam=self.lam, lpr=self.lpr,
+                             include_linear=self.include_linear)
+
+    def _calibrate(self, loss: torch.Tensor) -> None:
+        value = loss.detach().float().reshape(())
+        if _dist():
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        self.lam = self.gl.calibrate(value)
+
+    # ---- hooks ---------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer) -> None:
+        if self.gl is None or self.gl.model is not self._base(trainer.model):
+            self._attach(trainer)
+        self.gl.lam = self.lam
+        if self.batch_size0 is None:
+            self.batch_size0 = trainer.batch_size
+
+    def on_model_replaced(self, trainer) -> None:
+        if self.gl is not None:
+            self.gl.model = self._base(trainer.model)
+            self.gl.refresh()
+
+    def after_backward(self, trainer, loss) -> None:
+        if self.gl is None:
+            self._attach(trainer)
+        if self.lam is None:
+            self._calibrate(loss)
+        self._penalty = self.gl.apply()
+
+    def on_step_end(self, trainer, step: int, metrics: Dict[str, Any]) -> None:
+        if self.interval_unit == "step" and (step + 1) % self.interval == 0:
+            self.reconfigure(trainer)
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None:
+        if self.interval_unit == "epoch" and (epoch + 1) % self.interval == 0:
+            self.reconfigure(trainer)
+        if self._penalty is not None:
+            metrics["group_lasso_penalty"] = float(self._penalty)
+        metrics["lam"] = self.lam
+        if self.channels is not None:
+            metrics["channels"] = self.channels
+        if self.flops_per_sample is not None:
+            metrics["train_flops_per_sample"] = self.flops_per_sample
+
+    # ---- the reconfiguration -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reconfigure(self, trainer) -> Optional[Dict[str, Any]]:
+        """Zeroes the groups under the threshold, reconfigures the model in process, installs it in
+        the trainer and grows the batch. Returns the event record (also in ``self.events``)."""
+        if trainer.last_input is None:
+            return None
+        model = self._base(trainer.model)
+        x = trainer.last_input
+        example = x[: min(2, x.shape[0])] if x.shape[0] >= 2 else x
+        self.gl.prune_(self.threshold)
+        graph = ChannelGraph(model, example)
+        masks = channel_keep_masks(graph, model, 0.0, self.round_to)
+        if _dist():  # decide once: the union of every rank's keep-sets (identical under DDP anyway)
+            for k in sorted(masks):
+                m = masks[k].to(device=x.device, dtype=torch.uint8)
+                dist.all_reduce(m, op=dist.ReduceOp.MAX)
+                masks[k] = m.bool().cpu()
+        new, _, report = reconfigure(model, trainer.optimizer, example, graph=graph, keep=masks)
+        if self.fuse:
+            new = fuse_blocks(new)
+        trainer.replace_model(new)
+        n = example.shape[0]
+        before, after = report.train_flops_before / n, report.train_flops_after / n
+        if self.flops_per_sample0 is None:
+            self.flops_per_sample0 = before
+        self.flops_per_sample = after
+        self.channels = report.channels_after
+        event = {"step": trainer.global_step,
+                 "epoch": getattr(trainer, "epoch", None),
+                 "channels": [report.channels_before, report.channels_after],
+                 "params": [report.params_before, report.params_after],
+                 "train_flops_per_sample": [before, after],
+                 "branches_removed": getattr(report, "branches_removed", 0),
+                 "groups": [(g, b, a) for g, b, a in report.groups]}
+        if self.grow_batch and self.batch_size0:
+            new_bs = self._grown_batch(trainer)
+            if new_bs is not None and new_bs > (trainer.batch_size or 0):
+                event["batch_size"] = [trainer.batch_size, new_bs]
+                event["lr_ratio"] = trainer.set_batch_size(new_bs, scale_lr=True)
+        self.events.append(event)
+        return event
+
+    def _grown_batch(self, trainer) -> Optional[int]:
+        ratio = self.flops_per_sample0 / max(self.flops_per_sample, 1.0)
+        limit = self.max_batch_size or 8 * self.batch_size0
+        want = int(self.batch_size0 * ratio)
+        multiple = self.batch_multiple * max(1, getattr(trainer, "world_size", 1))
+        want = min(limit, want) // multiple * multiple
+        if trainer.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(trainer.device)
+            peak = torch.cuda.max_memory_allocated(trainer.device)
+            per_sample = peak / max(trainer.batch_size or 1, 1)
+            fits = int(0.9 * (free + peak) / max(per_sample, 1.0)) // multiple * multiple
+            want = min(want, max(fits, trainer.batch_size or 0))
+        return want if want > 0 else None
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"lam": self.lam, "flops_per_sample0": self.flops_per_sample0,
+                "flops_per_sample": self.flops_per_sample, "batch_size0": self.batch_size0,
+                "channels": self.channels, "events": list(self.events)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.lam = state["lam"]
+        self.flops_per_sample0 = state["flops_per_sample0"]
+        self.flops_per_sample = state["flops_per_sample"]
+        self.batch_size0 = state["batch_size0"]
+        self.channels = state["channels"]
+        self.events = list(state["events"])
+        if self.gl is not None:
+            self.gl.lam = self.lam

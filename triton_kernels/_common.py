@@ -10,3 +10,12 @@ def to_acc(x, IS_FP64: tl.constexpr):
         return x.to(tl.float64)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def mma(a, b, acc, IS_FP32: tl.constexpr):
+    """``acc += a @ b``: fp32 operands without tf32 (IEEE FMA), fp16/bf16 -> fp32, fp64 -> fp64."""
+    if IS_FP32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)

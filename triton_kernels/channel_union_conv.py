@@ -98,6 +98,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import mma as _mma
 from ._common import to_acc as _to_acc
 
 __all__ = ["channel_union_conv2d", "batch_norm_add_relu", "batch_norm_add_relu_backward"]
@@ -110,15 +111,6 @@ _MAX_SPLIT = 512
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _mma(a, b, acc, IS_FP32: tl.constexpr):
-    """acc += a @ b; fp32 operands without tf32 (IEEE FMA), fp16/bf16 -> fp32."""
-    if IS_FP32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
 @triton.jit
 def _div(a, b, IS_FP64: tl.constexpr):
     """IEEE-rounded a / b (Triton's fp32 ``/`` is the approximate division on GPUs)."""

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import mma as _mma
 from ._common import to_acc as _to_acc
 
 __all__ = ["conv2d_weight_grad", "linear_weight_grad"]
@@ -67,15 +68,6 @@ _MAX_SPLIT = 64
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _mma(a, b, acc, IS_FP32: tl.constexpr):
-    """acc += a @ b; fp32 operands without tf32 (IEEE FMA), fp16/bf16 -> fp32, fp64 -> fp64."""
-    if IS_FP32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
 @triton.jit
 def _split_range(sp, L, L_PER_SPLIT):
     lo = sp * L_PER_SPLIT

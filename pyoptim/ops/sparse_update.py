@@ -26,34 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from ._checks import check_float as _check_float
+from ._checks import check_pair as _check_pair
+from ._checks import check_same as _check_same
 from ..reference import sparse_update as ref
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- checks of the Python kernels (the messages of csrc/sparse_update.h) --------------------------
-
-def _check_float(t: Tensor, op: str, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise RuntimeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.layout != torch.strided:
-        raise RuntimeError(f"{op}: {name} must be a strided (dense) tensor")
-
-
-def _check_same(a: Tensor, an: str, b: Tensor, bn: str, op: str) -> None:
-    if a.device != b.device:
-        raise RuntimeError(f"{op}: {bn} is on {b.device} but {an} is on {a.device}")
-    if a.dtype != b.dtype:
-        raise RuntimeError(f"{op}: {bn} has dtype {b.dtype} but {an} has {a.dtype}")
-
-
-def _check_pair(v: Sequence[int], op: str, name: str, low: int) -> None:
-    if len(v) != 2:
-        raise RuntimeError(f"{op}: {name} must have 2 entries, got {len(v)}")
-    if v[0] < low or v[1] < low:
-        raise RuntimeError(f"{op}: {name} must be >= {low}, got {list(v)}")
 
 
 def _check_conv(x, wt, wf, bias, stride, padding, dilation, groups) -> None:

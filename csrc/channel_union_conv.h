@@ -20,6 +20,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "checks.h"
+
 #include <array>
 #include <optional>
 #include <tuple>
@@ -27,34 +29,9 @@
 namespace pyoptim {
 namespace channel_union_conv {
 
+
 inline at::ScalarType acc_type(at::ScalarType s) {
   return (s == at::kHalf || s == at::kBFloat16) ? at::kFloat : s;
-}
-
-inline void check_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ",
-              name, " must be float16, bfloat16, float32 or float64, got ", s);
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor");
-}
-
-inline void check_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn,
-                         const char* op) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", bn, " is on ", b.device(), " but ", an, " is on ",
-              a.device());
-}
-
-inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn,
-                       const char* op) {
-  check_device(a, an, b, bn, op);
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", bn, " has dtype ", b.scalar_type(),
-              " but ", an, " has ", a.scalar_type());
-}
-
-inline void check_pair(at::IntArrayRef v, const char* op, const char* name, int64_t min) {
-  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 entries, got ", v.size());
-  TORCH_CHECK(v[0] >= min && v[1] >= min, op, ": ", name, " must be >= ", min, ", got ", v);
 }
 
 // A per-channel [C] tensor of the activation dtype or of the accumulation dtype.

@@ -1,4 +1,8 @@
-"""Triton helpers shared by the kernel families (imports only triton)."""
+"""Triton helpers shared by the kernel families (imports only triton and the standard library)."""
+import math
+import struct
+from typing import Tuple
+
 import triton
 import triton.language as tl
 
@@ -19,3 +23,22 @@ def mma(a, b, acc, IS_FP32: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def split_range(sp, n, per_split):
+    """``[lo, hi)`` of split ``sp`` when ``n`` items are cut into splits of ``per_split``."""
+    lo = sp * per_split
+    hi = tl.minimum(n, lo + per_split)
+    return lo, hi
+
+
+def split_f32(x: float) -> Tuple[float, float]:
+    """``x`` as ``hi + lo``: ``hi`` = float32(x), ``lo`` the remainder (rounded to float32 when
+    passed to a kernel; ``hi + lo`` then carries ~48 bits, ample for a float64 scalar argument)."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        hi = math.copysign(math.inf, x)
+    lo = x - hi if math.isfinite(hi) else 0.0
+    return hi, lo

@@ -89,8 +89,6 @@ load-latency bound rather than MMA bound. The BN passes are memory bound; the co
 their tiles (``B`` for NCHW, ``C`` for channels_last) is known at compile time.
 """
 import functools
-import math
-import struct
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -99,6 +97,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import mma as _mma
+from ._common import split_f32 as _split_f32
+from ._common import split_range as _split_chunks
 from ._common import to_acc as _to_acc
 
 __all__ = ["channel_union_conv2d", "batch_norm_add_relu", "batch_norm_add_relu_backward"]
@@ -189,13 +189,6 @@ def _bn_tile(t, cb, C, B, CB, nb, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
         offs = a.to(tl.int64) * CB + c.to(tl.int64)[:, None] * B + b[None, :]
     n_valid = tl.minimum(B - b0, BLOCK_B)
     return offs, mask, c, cmask, n_valid
-
-
-@triton.jit
-def _split_chunks(sp, n_chunks, CHUNKS_PER_SPLIT):
-    lo = sp * CHUNKS_PER_SPLIT
-    hi = tl.minimum(n_chunks, lo + CHUNKS_PER_SPLIT)
-    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,17 +530,6 @@ def _num_sms(device: torch.device) -> int:
         idx = device.index if device.index is not None else torch.cuda.current_device()
         return _cuda_sms(idx)
     return 1  # CPU interpreter: splitting only adds work
-
-
-def _split_f32(x: float) -> Tuple[float, float]:
-    """``x`` as ``hi + lo``: ``hi`` = float32(x), ``lo`` the remainder (rounded to float32 when
-    passed to a kernel; ``hi + lo`` then carries ~48 bits, ample for a float64 ``eps``)."""
-    try:
-        hi = struct.unpack("f", struct.pack("f", x))[0]
-    except OverflowError:
-        hi = math.copysign(math.inf, x)
-    lo = x - hi if math.isfinite(hi) else 0.0
-    return hi, lo
 
 
 def _gemm_cfg(Kg: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:

@@ -23,8 +23,6 @@ Accumulation is float64 for float64 weights and float32 otherwise. ``lam`` reach
 a float32 pair ``hi + lo`` (Triton passes Python floats as float32), rebuilt in float64 when the
 weight is float64. Penalties are summed with torch ops on the norm tensors (no host sync).
 """
-import math
-import struct
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import split_f32 as _split_f32
 from ._common import to_acc as _to_acc
 
 __all__ = [
@@ -268,17 +267,6 @@ def _norms_into(w: Tensor, groups: int, out_norms: Tensor, in_norms: Tensor) -> 
         BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_RT=block_rt, BLOCK_C=block_c, BLOCK_S=block_s,
         IS_FP64=p.fp64, num_warps=nw)
     return p
-
-
-def _split_f32(x: float) -> Tuple[float, float]:
-    """``x`` as ``hi + lo``: ``hi`` = float32(x), ``lo`` the remainder (rounded to float32 when
-    passed to a kernel; ``hi + lo`` then carries ~48 bits, ample for a float64 ``lam``)."""
-    try:
-        hi = struct.unpack("f", struct.pack("f", x))[0]
-    except OverflowError:
-        hi = math.copysign(math.inf, x)
-    lo = x - hi if math.isfinite(hi) else 0.0
-    return hi, lo
 
 
 def _scale(p: _Plan, w: Tensor, dst: Tensor, on: Tensor, inn: Tensor, so: Tensor, si: Tensor,

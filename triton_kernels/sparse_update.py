@@ -55,6 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import mma as _mma
+from ._common import split_range as _split_range
 from ._common import to_acc as _to_acc
 
 __all__ = ["conv2d_weight_grad", "linear_weight_grad"]
@@ -68,11 +69,6 @@ _MAX_SPLIT = 64
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _split_range(sp, L, L_PER_SPLIT):
-    lo = sp * L_PER_SPLIT
-    hi = tl.minimum(L, lo + L_PER_SPLIT)
-    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------

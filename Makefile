@@ -1,8 +1,10 @@
 # pyoptim developer entry points. Every target is idempotent and sets itself up on a fresh machine.
-#   make demo        venv + pinned deps + build, then the main job (the group-lasso benchmark)
+#   make demo        venv + pinned deps + build + Fashion-MNIST, then the main job: a short PruneTrain
+#                    run (pyoptim train) that prints where its report and picture are
 #   make test        venv + pinned deps + build, then the whole test suite
 #   make cuda-check  compile every csrc/cuda/*.cu with nvcc (compile only; no GPU needed)
-#   make bench       every benchmark script, results in bench/results/
+#   make bench       the kernel benchmark scripts, results in bench/results/
+#   make bench-prunetrain  dense vs PruneTrain on Fashion-MNIST (about 45 min on 2 CPU cores)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,10 +14,24 @@ PIP    := $(PY) -m pip
 
 SOURCES := $(shell find csrc triton_kernels pyoptim -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: demo test cuda-check bench install clean
+# Fashion-MNIST: Debian's dataset-fashion-mnist (the only source these machines can reach);
+# PYOPTIM_DATA=<folder of the IDX files> uses another copy instead.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+DEMO_ARGS ?= --model resnet20 --data fashion-mnist --method prunetrain --epochs 4 --train-subset 20000 \
+             --lpr 0.7 --threshold 0.05 --interval 1 --max-batch-size 512 --out runs/demo
 
-demo: $(VENV)/.built
-	PYOPTIM_QUIET=1 $(PY) bench/bench_group_lasso.py
+.PHONY: demo test cuda-check bench bench-prunetrain install clean fashion-mnist
+
+demo: $(VENV)/.built fashion-mnist
+	PYOPTIM_QUIET=1 $(VENV)/bin/pyoptim train $(DEMO_ARGS)
+
+fashion-mnist:
+	@if [ -n "$$PYOPTIM_DATA" ] || [ -d "$(FASHION_MNIST)" ]; then exit 0; fi; \
+	echo "Fashion-MNIST is not in $(FASHION_MNIST): installing Debian's dataset-fashion-mnist"; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	$$SUDO apt-get install -y dataset-fashion-mnist || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; } || \
+	  { echo "could not install dataset-fashion-mnist: install it (apt-get, root) or set PYOPTIM_DATA"; exit 1; }
 
 test: $(VENV)/.built
 	TRITON_INTERPRET=1 PYOPTIM_QUIET=1 $(VENV)/bin/pytest -q
@@ -25,6 +41,11 @@ cuda-check: $(VENV)/.deps
 
 bench: $(VENV)/.built
 	PYOPTIM_QUIET=1 $(PY) bench/bench_group_lasso.py
+	PYOPTIM_QUIET=1 $(PY) bench/bench_sparse_update.py
+	PYOPTIM_QUIET=1 $(PY) bench/bench_channel_union.py
+
+bench-prunetrain: $(VENV)/.built fashion-mnist
+	PYOPTIM_QUIET=1 $(PY) bench/bench_prunetrain.py
 
 install: $(VENV)/.built
 

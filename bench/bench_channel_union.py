@@ -9,6 +9,10 @@
      pruned      the model after pyoptim.prune.reconfigure (physically smaller, plain modules)
      fused       the pruned model through pyoptim.prune.fuse_blocks (conv -> BN -> add -> ReLU on
                  the fused kernels)
+     round_to_16 the pruning with every group's count rounded up to a multiple of 16 (more
+                 channels kept; the width of the CPU's blocked layouts), against its own FLOPs
+     channels_last  the dense and the pruned model in channels_last (realised over FLOPs against
+                 the channels_last dense model)
    and the ratio realised speedup / FLOPs speedup, with FLOPs from torch.utils.flop_counter
    (training FLOPs of the same step; goal >= 0.7 on CPU, >= 0.8 on GPU).
 2. The fused block against torch's conv -> BN -> add -> ReLU (train: forward + backward; eval:
@@ -66,6 +70,25 @@ def zero_dropped(model, graph: ChannelGraph, masks) -> None:
                     t.index_fill_(m.dim, m.indices(dropped).to(t.device), 0.0)
 
 
+def round_up_masks(masks, multiple: int, seed: int):
+    """The keep-masks with each group's kept count rounded up to a multiple of ``multiple`` (at
+    most the group size) by keeping more random channels: what ``round_to`` does, for the SIMD
+    width of the CPU's blocked layouts (16 floats) or the tensor cores (8)."""
+    if multiple <= 1:
+        return masks
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for gi, keep in masks.items():
+        keep = keep.clone()
+        want = min(keep.numel(), -(-int(keep.sum()) // multiple) * multiple)
+        dropped = (~keep).nonzero().flatten()
+        extra = want - int(keep.sum())
+        if extra > 0:
+            keep[dropped[torch.randperm(dropped.numel(), generator=g)[:extra]]] = True
+        out[gi] = keep
+    return out
+
+
 def step_fn(model, x):
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -114,12 +137,42 @@ def bench_models(args, device, dtype):
             for k in ("masked", "pruned", "fused"):
                 row[f"speedup_{k}"] = t_dense["median_ms"] / t[k]["median_ms"]
                 row[f"realised_over_flops_{k}"] = row[f"speedup_{k}"] / flops_speedup
+            # the same pruning with channel counts rounded up to multiples of 16 (the blocked layouts'
+            # SIMD width on CPU), and the dense/pruned pair in channels_last
+            for mult in args.round_to:
+                if mult <= 1:
+                    continue
+                masks_r = round_up_masks(masks, mult, seed=2)
+                pr, _, rep_r = reconfigure(copy.deepcopy(dense), None, x[:2], keep=masks_r, graph=graph)
+                _, train_r = _flops(pr, x)
+                tr = bu.timeit(step_fn(pr, x), device, warmup=args.warmup, reps=args.reps)
+                sp = t_dense["median_ms"] / tr["median_ms"]
+                row[f"round_to_{mult}"] = {"channels": rep_r.channels_after, "train_gflop": train_r / 1e9,
+                                           "flops_speedup": train_dense / train_r, "pruned": tr, "speedup": sp,
+                                           "realised_over_flops": sp / (train_dense / train_r)}
+            if args.channels_last and x.dim() == 4:
+                cl = torch.channels_last
+                xc = x.contiguous(memory_format=cl)
+                dc = copy.deepcopy(dense).to(memory_format=cl)
+                pc = copy.deepcopy(pruned).to(memory_format=cl)
+                td = bu.timeit(step_fn(dc, xc), device, warmup=args.warmup, reps=args.reps)
+                tp = bu.timeit(step_fn(pc, xc), device, warmup=args.warmup, reps=args.reps)
+                row["channels_last"] = {"dense": td, "pruned": tp, "speedup": td["median_ms"] / tp["median_ms"],
+                                        "realised_over_flops": td["median_ms"] / tp["median_ms"] / flops_speedup,
+                                        "pruned_vs_contiguous_dense": t_dense["median_ms"] / tp["median_ms"]}
             rows.append(row)
+            extra = "".join(f" | round_to {m}: {row[f'round_to_{m}']['speedup']:.2f}x of "
+                            f"{row[f'round_to_{m}']['flops_speedup']:.2f}x FLOPs "
+                            f"(realised/FLOPs {row[f'round_to_{m}']['realised_over_flops']:.2f})"
+                            for m in args.round_to if m > 1)
+            if "channels_last" in row:
+                extra += (f" | channels_last: pruned {row['channels_last']['speedup']:.2f}x its dense "
+                          f"(realised/FLOPs {row['channels_last']['realised_over_flops']:.2f})")
             print(f"  {int(frac * 100)}% channels: FLOPs {flops_speedup:.2f}x fewer | masked "
                   f"{row['speedup_masked']:.2f}x | pruned {row['speedup_pruned']:.2f}x "
                   f"(realised/FLOPs {row['realised_over_flops_pruned']:.2f}) | fused "
-                  f"{row['speedup_fused']:.2f}x (realised/FLOPs {row['realised_over_flops_fused']:.2f})",
-                  flush=True)
+                  f"{row['speedup_fused']:.2f}x (realised/FLOPs {row['realised_over_flops_fused']:.2f})"
+                  + extra, flush=True)
     return rows
 
 
@@ -203,11 +256,16 @@ def main():
     p.add_argument("--r50-batch", type=int, default=8)
     p.add_argument("--r50-res", type=int, default=128)
     p.add_argument("--r32-batch", type=int, default=64)
+    p.add_argument("--round-to", default="16", help="comma list of channel multiples to also measure "
+                   "the pruned models at (counts rounded up; 1 or empty: none)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="skip the channels_last dense/pruned pair")
     p.add_argument("--skip", default="", help="comma list of parts to skip: models,blocks,reconfigure")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = p.parse_args()
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     args.models = [m for m in args.models.split(",") if m]
+    args.round_to = [int(r) for r in args.round_to.split(",") if r]
     skip = set(s for s in args.skip.split(",") if s)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -21,13 +21,15 @@ from typing import Any, Dict, List, Optional
 MODELS = ("resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "vgg11", "vgg16", "mobilenetv2")
 
 
+class DataError(RuntimeError):
+    """The data set of a run is missing or unreadable."""
+
+
 def _build_model(name: str, num_classes: int, in_channels: int, width: float):
     from . import models
     if name == "mobilenetv2":
         return models.mobilenet_v2(width=width, num_classes=num_classes, in_channels=in_channels)
-    if width != 1.0:
-        raise SystemExit(f"pyoptim train: --width is supported for mobilenetv2 only, not {name}")
-    return getattr(models, name)(num_classes=num_classes, in_channels=in_channels)
+    return getattr(models, name)(num_classes=num_classes, in_channels=in_channels, width=width)
 
 
 def _layer_channels(model) -> Dict[str, int]:
@@ -64,14 +66,19 @@ def _progress_printer(total_epochs: int, stream=sys.stderr):
     return show
 
 
-def cmd_train(args) -> int:
+def run_training(args, progress: bool = True) -> Dict[str, Any]:
+    """One ``pyoptim train`` run from its parsed arguments (see :func:`build_parser`); returns the
+    report (also written to ``args.out``/report.json with the picture report.png). Raises
+    :class:`DataError` for a missing or corrupt data set (the message says where it looked)."""
     import torch
     from . import data as pdata
     from .prune import PruneTrain
+    from .prune.reconfigure import _flops
     from .train import Plugin, Trainer
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    t_start = time.perf_counter()
     ds_kwargs = {}
     if pdata.canonical_name(args.data) == "synthetic":
         ds_kwargs = dict(num_samples=args.synthetic_samples, num_classes=10, image_size=16, in_channels=1, seed=0)
@@ -81,8 +88,7 @@ def cmd_train(args) -> int:
         xtr, ytr = pdata.load_dataset(args.data, "train", args.data_dir, **ds_kwargs)
         xte, yte = pdata.load_dataset(args.data, "test", args.data_dir, **ds_kwargs)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"pyoptim train: {exc}", file=sys.stderr)
-        return 2
+        raise DataError(str(exc)) from exc
     if args.train_subset:
         xtr, ytr = xtr[: args.train_subset], ytr[: args.train_subset]
     norm = dict(mean=spec.mean, std=spec.std, device=device)
@@ -97,14 +103,16 @@ def cmd_train(args) -> int:
     prune = None
     if args.method == "prunetrain":
         prune = PruneTrain(lpr=args.lpr, interval=args.interval, threshold=args.threshold,
-                           grow_batch=not args.no_grow_batch, round_to=args.round_to, fuse=args.fuse)
+                           grow_batch=not args.no_grow_batch, round_to=args.round_to, fuse=args.fuse,
+                           max_batch_size=args.max_batch_size or None, timing=True)
         plugins.append(prune)
     layers_per_epoch: List[Dict[str, int]] = []
     flops_per_epoch: List[float] = []
-    printer = _progress_printer(args.epochs)
+    printer = _progress_printer(args.epochs) if progress else False
     example = next(iter(test))[0][:2]
 
     class Recorder(Plugin):
+        """Runs after PruneTrain's reconfiguration: records the model the next epoch trains."""
         name = "recorder"
 
         def on_epoch_end(self, trainer, epoch, metrics):
@@ -113,29 +121,44 @@ def cmd_train(args) -> int:
             flops_per_epoch.append(fl)
             metrics["train_flops_per_sample"] = fl
             metrics["channels"] = sum(layers_per_epoch[-1].values())
-            printer.state.update(channels=metrics["channels"], flops=fl)
-            print(f"\nepoch {epoch + 1}: loss {metrics['loss']:.4f} acc {100 * metrics['accuracy']:.2f}% "
-                  f"test acc {100 * metrics.get('eval_accuracy', float('nan')):.2f}% channels "
-                  f"{metrics['channels']} train {fl / 1e6:.1f} MFLOP/sample batch {metrics['batch_size']} "
-                  f"lr {metrics['lr']:.4g} ({metrics['time_s']:.0f}s)", file=sys.stderr)
+            if printer:
+                printer.state.update(channels=metrics["channels"], flops=fl)
+                print(f"\nepoch {epoch + 1}: loss {metrics['loss']:.4f} acc {100 * metrics['accuracy']:.2f}% "
+                      f"test acc {100 * metrics.get('eval_accuracy', float('nan')):.2f}% channels "
+                      f"{metrics['channels']} train {fl / 1e6:.1f} MFLOP/sample batch {metrics['batch_size']} "
+                      f"lr {metrics['lr']:.4g} ({metrics['time_s']:.0f}s)", file=sys.stderr)
 
     plugins.append(Recorder())
+    layers0 = _layer_channels(model)          # before training: reconfigure resizes in place
     flops0 = _flops_per_sample(model, example)
-    printer.state.update(channels=sum(_layer_channels(model).values()), flops=flops0)
+    fwd0 = _flops(model, example)[0] / example.shape[0]
+    if printer:
+        printer.state.update(channels=sum(_layer_channels(model).values()), flops=flops0)
     os.makedirs(args.out, exist_ok=True)
     trainer = Trainer(model, opt, train, scheduler=sched, eval_data=test, plugins=plugins,
-                      max_epochs=args.epochs, log_every=args.log_every, progress=printer,
-                      amp=None if args.amp == "none" else args.amp)
+                      max_epochs=args.epochs, log_every=args.log_every if progress else 0,
+                      progress=printer, amp=None if args.amp == "none" else args.amp)
     t0 = time.perf_counter()
     history = trainer.fit()
     wall = time.perf_counter() - t0
+    # the model of epoch e is the one recorded at the end of epoch e - 1 (the dense one for e = 0)
+    trained_with = [flops0] + flops_per_epoch[:-1]
+    train_flops_total = sum(f * r["samples"] for f, r in zip(trained_with, history))
     report = {
         "config": vars(args), "device": str(device), "wall_s": wall,
+        "setup_s": t0 - t_start,
+        "train_time_s": sum(r["time_s"] for r in history),
         "history": [dict(r) for r in history],
         "layers_per_epoch": layers_per_epoch,
+        "layers_initial": layers0,
         "train_flops_per_sample_initial": flops0,
         "train_flops_per_sample": flops_per_epoch,
+        "train_flops_total": train_flops_total,
+        "train_flops_total_dense": flops0 * sum(r["samples"] for r in history),
+        "inference_flops_per_sample_initial": fwd0,
+        "inference_flops_per_sample": _flops(trainer.model, example)[0] / example.shape[0],
         "events": prune.events if prune is not None else [],
+        "prunetrain_time_s": dict(prune.time_s) if prune is not None else {},
         "final": {"test_accuracy": history[-1].get("eval_accuracy"), "test_loss": history[-1].get("eval_loss"),
                   "channels": history[-1].get("channels"),
                   "train_flops_per_sample": flops_per_epoch[-1] if flops_per_epoch else flops0},
@@ -143,8 +166,18 @@ def cmd_train(args) -> int:
     path = os.path.join(args.out, "report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1, default=str)
-    png = draw(report, os.path.join(args.out, "report.png"))
-    print(f"\nreport: {path}\npicture: {png}")
+    report["report_path"] = path
+    report["picture_path"] = draw(report, os.path.join(args.out, "report.png"))
+    return report
+
+
+def cmd_train(args) -> int:
+    try:
+        report = run_training(args)
+    except DataError as exc:
+        print(f"pyoptim train: {exc}", file=sys.stderr)
+        return 2
+    print(f"\nreport: {report['report_path']}\npicture: {report['picture_path']}")
     return 0
 
 
@@ -222,12 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--width", type=float, default=1.0, help="width multiplier (mobilenetv2)")
+    t.add_argument("--width", type=float, default=1.0, help="width multiplier (channels of every layer)")
     t.add_argument("--lpr", type=float, default=0.2, help="PruneTrain lasso-penalty ratio")
     t.add_argument("--interval", type=int, default=2, help="PruneTrain: reconfigure every N epochs")
     t.add_argument("--threshold", type=float, default=1e-4, help="PruneTrain: zero groups under this norm")
     t.add_argument("--round-to", type=int, default=1)
     t.add_argument("--no-grow-batch", action="store_true")
+    t.add_argument("--max-batch-size", type=int, default=0, help="PruneTrain: bound of the grown batch "
+                   "(default 8x --batch-size; on CUDA also the measured free memory)")
     t.add_argument("--fuse", action="store_true", help="run reconfigured blocks on the fused kernels")
     t.add_argument("--amp", default="none", choices=("none", "fp16", "bf16"))
     t.add_argument("--device", default="auto")

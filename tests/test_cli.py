@@ -46,3 +46,50 @@ def test_missing_data_set_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 def test_report_of_a_folder_without_a_run(tmp_path):
     assert cli.main(["report", str(tmp_path)]) == 2
+
+
+def test_report_counts_training_flops_per_epoch(tmp_path):
+    """train_flops_total sums, epoch by epoch, the FLOPs per sample of the model that epoch trained
+    (the dense one first, then each reconfigured one) times the samples."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", "resnet20", "--data", "synthetic", "--synthetic-samples", "96",
+                     "--epochs", "3", "--interval", "1", "--threshold", "1e9", "--batch-size", "32",
+                     "--out", str(out), "--log-every", "0", "--device", "cpu", "--width", "0.5"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    per_epoch = [r["train_flops_per_sample_initial"]] + r["train_flops_per_sample"][:-1]
+    assert r["train_flops_total"] == pytest.approx(sum(f * 96 for f in per_epoch))
+    assert r["train_flops_total"] < r["train_flops_total_dense"] == pytest.approx(3 * 96 * per_epoch[0])
+    assert r["inference_flops_per_sample"] < r["inference_flops_per_sample_initial"]
+    assert r["layers_initial"]["stem.0"] == 8                 # width 0.5 of 16
+    assert r["prunetrain_time_s"]["group_lasso"] > 0 and r["prunetrain_time_s"]["reconfigure"] > 0
+    assert r["train_time_s"] <= r["wall_s"]
+
+
+def test_make_demo_arguments_parse():
+    """The Makefile's demo command line is a valid `pyoptim train` command on Fashion-MNIST."""
+    import re
+    import shlex
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "Makefile")).read().replace("\\\n", " ")
+    demo = re.search(r"^DEMO_ARGS \?=(.*)$", text, re.M).group(1)
+    args = cli.build_parser().parse_args(["train"] + shlex.split(demo))
+    assert args.method == "prunetrain" and args.data == "fashion-mnist" and args.epochs >= 2
+
+
+def test_bench_prunetrain_smoke(tmp_path):
+    """bench/bench_prunetrain.py end to end on a tiny synthetic set: both runs, the JSON record
+    with the ratios and goals, the picture (a smoke test, not a timing)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_prunetrain.py"), "--model", "resnet20",
+                           "--data", "synthetic", "--train-subset", "128", "--epochs", "2", "--batch-size", "32",
+                           "--threshold", "1e9", "--quiet", "--out-dir", str(tmp_path), "--runs-dir",
+                           str(tmp_path / "runs")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "prunetrain_cpu.json").read_text())
+    assert {"device", "torch", "triton", "commit", "dense", "prunetrain", "ratios", "goals_met"} <= set(res)
+    assert res["ratios"]["train_flops_saving"] > 0 and res["prunetrain"]["events"]
+    assert len(res["dense"]["test_accuracy_per_epoch"]) == 2
+    assert (tmp_path / "prunetrain_cpu.png").stat().st_size > 10_000

@@ -10,7 +10,7 @@ import pyoptim
 from pyoptim.data import DeviceLoader
 from pyoptim.models import resnet20
 from pyoptim.prune import PruneTrain
-from pyoptim.train import Trainer
+from pyoptim.train import Plugin, Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -89,3 +89,157 @@ def test_bad_arguments():
         PruneTrain(interval=0)
     with pytest.raises(ValueError, match="interval_unit"):
         PruneTrain(interval_unit="hour")
+
+
+# ----------------------------------------------------------------------------------------------
+# exact resume and DDP with the plug-in
+
+
+class ZeroInner(Plugin):
+    """Zeroes three quarters of every block's inner channels at the end of the first epoch, as group
+    lasso would have (runs before PruneTrain's reconfiguration in the same hook)."""
+    name = "zero_inner"
+
+    def __init__(self, extra: bool = False):
+        self.extra = extra
+
+    @torch.no_grad()
+    def on_epoch_end(self, trainer, epoch, metrics):
+        if epoch != 0:
+            return
+        for stage in trainer.model.stages:
+            for blk in stage:
+                k = 3 * blk.conv1.out_channels // 4
+                blk.conv1.weight[:k] = 0
+                blk.conv2.weight[:, :k] = 0
+        if self.extra:   # one more channel, on this process only
+            trainer.model.stages[0][0].conv1.weight[-1] = 0
+
+
+class Losses(Plugin):
+    name = "losses"
+
+    def __init__(self):
+        self.losses = []
+
+    def on_step_end(self, trainer, step, metrics):
+        self.losses.append(float(metrics["loss"]))
+
+
+def _resume_setup(fuse):
+    data = DeviceLoader.from_dataset("synthetic", "train", batch_size=16,
+                                     dataset_kwargs=dict(num_samples=96, num_classes=4, image_size=8,
+                                                         in_channels=1, seed=0))
+    plugins = [ZeroInner(), PruneTrain(lpr=0.2, interval=1, threshold=0.0, max_batch_size=32,
+                                       batch_multiple=4, fuse=fuse), Losses()]
+    return data, plugins
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_resume_after_a_reconfiguration_equals_an_uninterrupted_run(tmp_path, fuse):
+    torch.manual_seed(0)
+    data, plugins = _resume_setup(fuse)
+    model = resnet20(num_classes=4, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3)
+    t = Trainer(model, opt, data, scheduler=sched, plugins=plugins, max_epochs=3, progress=False, log_every=0)
+    t.fit(max_steps=7)                       # epoch 0 (6 steps), reconfigured, batch grown, 1 more step
+    prune = plugins[1]
+    assert len(prune.events) == 1 and prune.events[0]["channels"][1] < prune.events[0]["channels"][0]
+    grown = prune.events[0]["batch_size"][1]
+    assert t.batch_size == grown > 16
+    path = tmp_path / "mid.pt"
+    t.save(path)
+    t.fit()
+    want, final = plugins[2].losses[7:], {k: v.clone() for k, v in t.model.state_dict().items()}
+
+    data2, plugins2 = _resume_setup(fuse)
+    t2 = pyoptim.load(path, data2, plugins=plugins2, device="cpu")
+    assert t2.batch_size == grown and plugins2[1].lam == prune.lam
+    assert plugins2[1].events == prune.events[:1]
+    if fuse:
+        assert isinstance(t2.model, pyoptim.prune.FusedModel)
+    t2.fit()
+    assert plugins2[2].losses == want and len(want) > 3
+    got = t2.model.state_dict()
+    assert list(got) == list(final) and all(torch.equal(got[k], v) for k, v in final.items())
+    assert plugins2[1].events == prune.events
+
+
+DDP_PRUNE_SCRIPT = r'''
+import datetime, faulthandler, os, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+TEST_FILE, OUT = sys.argv[1], sys.argv[2]
+
+
+def worker(rank, world):
+    faulthandler.dump_traceback_later(120, exit=True)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(OUT, "rendezvous"),
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prunetrain_test", TEST_FILE)
+    H = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(H)
+    from pyoptim.data import DeviceLoader
+    from pyoptim.models import resnet20
+    from pyoptim.prune import PruneTrain
+    from pyoptim.train import Trainer
+    data = DeviceLoader.from_dataset("synthetic", "train", batch_size=16,
+                                     dataset_kwargs=dict(num_samples=96, num_classes=4, image_size=8,
+                                                         in_channels=1, seed=0))
+    torch.manual_seed(10 + rank)          # different inits: DDP broadcasts rank 0's
+    model = resnet20(num_classes=4, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    prune = PruneTrain(lpr=0.2, interval=1, threshold=0.0, max_batch_size=32, batch_multiple=4)
+    t = Trainer(model, opt, data, plugins=[H.ZeroInner(extra=rank == 1), prune], max_epochs=3,
+                progress=False, log_every=0)
+    h = t.fit()
+    torch.save({"params": {k: v for k, v in t.model.state_dict().items()}, "lam": prune.lam,
+                "events": prune.events, "batch_size": t.batch_size, "local_batch": data.local_batch_size,
+                "history": [{k: v for k, v in r.items() if k not in ("time_s", "samples_per_s")} for r in h]},
+               os.path.join(OUT, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import pyoptim.train, torch._dynamo  # noqa: F401   import once, then fork
+    mp.start_processes(worker, args=(2,), nprocs=2, join=True, start_method="fork")
+'''
+
+
+def test_ddp_two_gloo_processes_agree_on_the_keep_sets(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    script = tmp_path / "ddp_prune.py"
+    script.write_text(DDP_PRUNE_SCRIPT)
+    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script), os.path.abspath(__file__), str(tmp_path)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail("the DDP workers timed out:\n" + out[-3000:] + err[-3000:])
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["lam"] == r1["lam"] and r0["lam"] > 0
+    assert r0["events"] == r1["events"] and len(r0["events"]) == 3
+    assert list(r0["params"]) == list(r1["params"])
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    assert r0["history"] == r1["history"]
+    # the keep-set is the union: rank 1 zeroed one more channel of the first block (it alone would
+    # keep 3), rank 0 did not, so both keep a quarter of 16
+    assert r0["params"]["stages.0.0.conv1.weight"].shape[0] == 16 // 4
+    assert r0["params"]["stages.1.0.conv1.weight"].shape[0] == 32 // 4
+    # the global batch grew by the FLOPs ratio and stays a multiple of 4 x world size
+    old, new = r0["events"][0]["batch_size"]
+    assert old == 16 and new > 16 and new % 8 == 0 and r0["batch_size"] == new
+    assert r0["local_batch"] == new // 2
+    assert [r["samples"] for r in r0["history"]] == [96, 96, 96]

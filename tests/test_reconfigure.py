@@ -396,3 +396,38 @@ def test_reconfigured_graph_has_no_index_ops():
     zero_channels(graph, model, seed=9)
     model, _, _ = reconfigure(model, None, x, graph=graph)
     assert_no_index_ops(model)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet50", "mobilenetv2", "concat", "vgg11"])
+def test_channels_no_consumer_reads_are_dropped(name):
+    """Channels whose every reader (the input slices of the convs/linears consuming the group) is
+    zero are dropped even though their producers are not (drop_unread): nothing downstream sees
+    them, so the function and the next step are unchanged; channel union alone keeps them."""
+    model, x = build(name)
+    graph = ChannelGraph(model, x)
+    g = torch.Generator().manual_seed(5)
+    unread = {}
+    with torch.no_grad():
+        for i, grp in enumerate(graph.prunable_groups()):
+            if i % 2 or not grp.of_kind(CONSUMER):
+                continue
+            chans = torch.randperm(grp.size, generator=g)[: max(1, grp.size // 3)]
+            for m in grp.of_kind(CONSUMER):
+                mod = model.get_submodule(m.module)
+                mod.weight.index_fill_(m.dim, m.indices(chans), 0.0)
+            unread[grp.index] = chans
+    assert unread
+    union = channel_keep_masks(graph, model, drop_unread=False)
+    keep = channel_keep_masks(graph, model)
+    for gi, chans in unread.items():
+        assert union[gi].all()                     # every producer slice is non-zero
+        assert not keep[gi][chans].any() and int(keep[gi].sum()) == graph.groups[gi].size - len(chans)
+    y = torch.randint(0, 10 if name != "concat" else 5, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    model.eval()
+    ref.eval()
+    small, opt, report = reconfigure(model, opt, x, graph=graph)
+    assert report.channels_after == report.channels_before - sum(len(c) for c in unread.values())
+    check_function_and_next_step(small, opt, ref, ref_opt, x, y, keep)

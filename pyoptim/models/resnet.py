@@ -3,6 +3,9 @@ ResNet-18 (basic blocks) and ResNet-50 (bottlenecks), with the layer shapes of t
 
 CIFAR shortcuts use 1x1 projection convs when the shape changes (option B), as PruneTrain does, so
 that every layer is a conv and channel union needs no zero-padding shortcut.
+
+``width`` multiplies every layer's channel count (stem included; ``round(c * width)``, at least 1),
+so parameters and FLOPs scale by about ``width**2``.
 """
 from __future__ import annotations
 
@@ -10,6 +13,13 @@ from typing import List, Sequence, Type, Union
 
 import torch
 from torch import Tensor, nn
+
+
+def scale_width(channels: int, width: float) -> int:
+    """``round(channels * width)``, at least 1: the channel count of a width-scaled layer."""
+    if not width > 0:
+        raise ValueError(f"width multiplier must be > 0, got {width}")
+    return max(1, int(round(channels * width)))
 
 
 class BasicBlock(nn.Module):
@@ -60,9 +70,10 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int],
                  widths: Sequence[int], num_classes: int, in_channels: int = 3,
-                 imagenet_stem: bool = False):
+                 imagenet_stem: bool = False, width: float = 1.0):
         super().__init__()
-        stem_width = 64 if imagenet_stem else widths[0]
+        widths = [scale_width(w, width) for w in widths]
+        stem_width = scale_width(64, width) if imagenet_stem else widths[0]
         if imagenet_stem:
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, stem_width, 7, 2, 3, bias=False), nn.BatchNorm2d(stem_width),
@@ -91,29 +102,29 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3) -> ResNet:
-    """CIFAR ResNet of ``depth = 6n + 2`` layers (20, 32, 56, ...)."""
+def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNet:
+    """CIFAR ResNet of ``depth = 6n + 2`` layers (20, 32, 56, ...), ``width`` x (16, 32, 64) channels."""
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ValueError(f"cifar_resnet: depth must be 6n+2 (20, 32, 56, ...), got {depth}")
     n = (depth - 2) // 6
-    return ResNet(BasicBlock, [n, n, n], [16, 32, 64], num_classes, in_channels)
+    return ResNet(BasicBlock, [n, n, n], [16, 32, 64], num_classes, in_channels, width=width)
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet:
-    return cifar_resnet(20, num_classes, in_channels)
+def resnet20(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNet:
+    return cifar_resnet(20, num_classes, in_channels, width)
 
 
-def resnet32(num_classes: int = 10, in_channels: int = 3) -> ResNet:
-    return cifar_resnet(32, num_classes, in_channels)
+def resnet32(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNet:
+    return cifar_resnet(32, num_classes, in_channels, width)
 
 
-def resnet56(num_classes: int = 10, in_channels: int = 3) -> ResNet:
-    return cifar_resnet(56, num_classes, in_channels)
+def resnet56(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNet:
+    return cifar_resnet(56, num_classes, in_channels, width)
 
 
-def resnet18(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels, True)
+def resnet18(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> ResNet:
+    return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels, True, width)
 
 
-def resnet50(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], num_classes, in_channels, True)
+def resnet50(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], num_classes, in_channels, True, width)

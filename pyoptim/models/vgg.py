@@ -2,7 +2,8 @@
 with 2x2 max pools, then flatten -> a small fully connected head.
 
 With a 32x32 input the features end at 512 x 1 x 1; ``input_size`` sets the head's input
-(``512 * (input_size // 32)**2`` features) for larger inputs.
+(``512 * (input_size // 32)**2`` features) for larger inputs. ``width`` multiplies every conv's and
+hidden linear layer's width (``round(c * width)``, at least 1).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import List, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from .resnet import scale_width
 
 CONFIGS = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -23,8 +26,9 @@ class VGG(nn.Module):
     layers of the head (0: a single linear classifier)."""
 
     def __init__(self, cfg: Sequence[Union[int, str]], num_classes: int = 10, in_channels: int = 3,
-                 input_size: int = 32, hidden: int = 512, dropout: float = 0.5):
+                 input_size: int = 32, hidden: int = 512, dropout: float = 0.5, width: float = 1.0):
         super().__init__()
+        hidden = scale_width(hidden, width) if hidden else 0
         layers: List[nn.Module] = []
         ch = in_channels
         size = input_size
@@ -33,9 +37,10 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2))
                 size //= 2
             else:
-                layers += [nn.Conv2d(ch, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)),
+                c = scale_width(int(v), width)
+                layers += [nn.Conv2d(ch, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
                            nn.ReLU(inplace=True)]
-                ch = int(v)
+                ch = c
         if size < 1:
             raise ValueError(f"VGG: input_size {input_size} is too small for {cfg.count('M')} pools")
         self.features = nn.Sequential(*layers)

@@ -6,8 +6,8 @@
   ``group_lasso_grad_`` op adds its gradient right after ``backward()``.
 * Every ``interval`` epochs (or steps): groups whose norm fell under ``threshold`` are zeroed,
   the channel-union keep-sets are decided (under DDP: the union over the ranks, so all ranks
-  agree), and the model is reconfigured in process — parameters, BN statistics, optimizer state
-  compacted; the LR scheduler and the AMP scaler carry on; DDP is rebuilt by the trainer.
+  agree; then rank 0's tensors are broadcast), and the model is reconfigured in process —
+  parameters, BN statistics, optimizer state compacted; the LR scheduler and the AMP scaler carry on; DDP is rebuilt by the trainer.
 * Dynamic mini-batch: when the training FLOPs per sample have fallen by a factor ``r`` since the
   start, the global batch grows to ``round(batch0 * r)`` (a multiple of ``batch_multiple`` and of
   the world size, at most ``max_batch_size``) and the learning rate is scaled by the same ratio
@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -45,6 +46,12 @@ class PruneTrain(Plugin):
         batch_multiple: the grown batch is a multiple of it (and of the world size).
         fuse: run the reconfigured model through :func:`pyoptim.prune.fuse_blocks`.
         lam: a fixed coefficient instead of the LPR rule.
+        drop_unread: also remove the channels no consumer reads any more (every conv/linear input
+            slice of the channel zeroed) even where their producers are not zero — exact, and it
+            removes a channel as soon as group lasso has zeroed its readers' input groups
+            (PruneTrain's union rule alone waits for the producer's output group as well).
+        timing: measure the wall time of the group-lasso updates and of the reconfigurations
+            (``time_s``; on CUDA this synchronises the device around each, a small cost).
     """
 
     name = "prunetrain"
@@ -52,7 +59,8 @@ class PruneTrain(Plugin):
     def __init__(self, lpr: float = 0.2, interval: int = 10, threshold: float = 1e-4,
                  grow_batch: bool = True, round_to: int = 1, max_batch_size: Optional[int] = None,
                  batch_multiple: int = 8, interval_unit: str = "epoch", fuse: bool = False,
-                 lam: Optional[float] = None, include_linear: bool = False):
+                 lam: Optional[float] = None, include_linear: bool = False, timing: bool = False,
+                 drop_unread: bool = True):
         if interval < 1:
             raise ValueError(f"PruneTrain: interval must be >= 1, got {interval}")
         if interval_unit not in ("epoch", "step"):
@@ -72,6 +80,9 @@ class PruneTrain(Plugin):
         self.channels: Optional[int] = None
         self.events: List[Dict[str, Any]] = []
         self._penalty = None
+        self.timing = bool(timing)
+        self.drop_unread = bool(drop_unread)
+        self.time_s: Dict[str, float] = {"group_lasso": 0.0, "reconfigure": 0.0}
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -105,12 +116,20 @@ class PruneTrain(Plugin):
             self.gl.model = self._base(trainer.model)
             self.gl.refresh()
 
+    def _clock(self, trainer) -> float:
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        return time.perf_counter()
+
     def after_backward(self, trainer, loss) -> None:
+        t0 = self._clock(trainer) if self.timing else 0.0
         if self.gl is None:
             self._attach(trainer)
         if self.lam is None:
             self._calibrate(loss)
         self._penalty = self.gl.apply()
+        if self.timing:
+            self.time_s["group_lasso"] += self._clock(trainer) - t0
 
     def on_step_end(self, trainer, step: int, metrics: Dict[str, Any]) -> None:
         if self.interval_unit == "step" and (step + 1) % self.interval == 0:
@@ -129,24 +148,34 @@ class PruneTrain(Plugin):
 
     # ---- the reconfiguration -------------------------------------------------------------------
 
-    @torch.no_grad()
     def reconfigure(self, trainer) -> Optional[Dict[str, Any]]:
         """Zeroes the groups under the threshold, reconfigures the model in process, installs it in
         the trainer and grows the batch. Returns the event record (also in ``self.events``)."""
         if trainer.last_input is None:
             return None
+        t0 = self._clock(trainer) if self.timing else 0.0
+        event = self._reconfigure(trainer)
+        if self.timing:
+            self.time_s["reconfigure"] += self._clock(trainer) - t0
+        return event
+
+    @torch.no_grad()
+    def _reconfigure(self, trainer) -> Dict[str, Any]:
         model = self._base(trainer.model)
         x = trainer.last_input
         example = x[: min(2, x.shape[0])] if x.shape[0] >= 2 else x
         self.gl.prune_(self.threshold)
         graph = ChannelGraph(model, example)
-        masks = channel_keep_masks(graph, model, 0.0, self.round_to)
+        masks = channel_keep_masks(graph, model, 0.0, self.round_to, drop_unread=self.drop_unread)
         if _dist():  # decide once: the union of every rank's keep-sets (identical under DDP anyway)
             for k in sorted(masks):
                 m = masks[k].to(device=x.device, dtype=torch.uint8)
                 dist.all_reduce(m, op=dist.ReduceOp.MAX)
                 masks[k] = m.bool().cpu()
         new, _, report = reconfigure(model, trainer.optimizer, example, graph=graph, keep=masks)
+        if _dist():  # and once more: every rank continues from rank 0's tensors
+            for t in list(new.parameters()) + list(new.buffers()):
+                dist.broadcast(t.data, 0)
         if self.fuse:
             new = fuse_blocks(new)
         trainer.replace_model(new)
@@ -190,7 +219,7 @@ class PruneTrain(Plugin):
     def state_dict(self) -> Dict[str, Any]:
         return {"lam": self.lam, "flops_per_sample0": self.flops_per_sample0,
                 "flops_per_sample": self.flops_per_sample, "batch_size0": self.batch_size0,
-                "channels": self.channels, "events": list(self.events)}
+                "channels": self.channels, "events": list(self.events), "time_s": dict(self.time_s)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.lam = state["lam"]
@@ -199,5 +228,6 @@ class PruneTrain(Plugin):
         self.batch_size0 = state["batch_size0"]
         self.channels = state["channels"]
         self.events = list(state["events"])
+        self.time_s = dict(state.get("time_s", self.time_s))
         if self.gl is not None:
             self.gl.lam = self.lam

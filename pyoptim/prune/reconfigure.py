@@ -504,10 +504,14 @@ def _removable(graph: ChannelGraph, candidates: Sequence[int]) -> Set[int]:
 
 
 @torch.no_grad()
-def _channel_magnitude(graph: ChannelGraph, model: nn.Module, group: ChannelGroup) -> Tensor:
-    """Largest |weight| of each channel over the group's conv/linear and depthwise members."""
+def _channel_magnitude(graph: ChannelGraph, model: nn.Module, group: ChannelGroup,
+                       kinds: Optional[Tuple[str, ...]] = None) -> Tensor:
+    """Largest |weight| of each channel over the group's conv/linear and depthwise members (of
+    the given member kinds only, when ``kinds`` is given)."""
     mag = torch.zeros(group.size, dtype=torch.float64)
     for m in group.members:
+        if kinds is not None and m.kind not in kinds:
+            continue
         mod = model.get_submodule(m.module)
         if m.kind == CHANNELWISE and not _is_depthwise(mod):
             continue  # BN affine parameters do not decide: group lasso acts on the convs
@@ -522,10 +526,15 @@ def _channel_magnitude(graph: ChannelGraph, model: nn.Module, group: ChannelGrou
 
 
 def channel_keep_masks(graph: ChannelGraph, model: Optional[nn.Module] = None, threshold: float = 0.0,
-                       round_to: int = 1, remove_dead: bool = True) -> Dict[int, Tensor]:
+                       round_to: int = 1, remove_dead: bool = True, drop_unread: bool = True
+                       ) -> Dict[int, Tensor]:
     """``{group index: bool keep mask}`` for every prunable group: a channel is kept while any
-    member's weights for it exceed ``threshold`` in magnitude. Counts are rounded up to a multiple
-    of ``round_to`` (by the largest dropped channels).
+    member's weights for it exceed ``threshold`` in magnitude (PruneTrain's channel union) and,
+    with ``drop_unread`` (default), some consumer reads it: a channel whose every consumer slice
+    (the input channels of the convs/linears that read the group) is within ``threshold`` of zero
+    is dropped even where its producers are not — nothing downstream sees it (the graph fixes the
+    channels that leave the model or are mixed by anything but a conv/linear), so removing it is
+    exact. Counts are rounded up to a multiple of ``round_to`` (by the largest dropped channels).
 
     A group with no channel left *dies* (an all-False mask) where the graph lets it
     (:func:`plan_group_removal`: a residual branch, a concatenated layer) — and so does every group
@@ -538,6 +547,8 @@ def channel_keep_masks(graph: ChannelGraph, model: Optional[nn.Module] = None, t
     masks, empty = {}, []
     for g in graph.prunable_groups():
         mag = _channel_magnitude(graph, model, g)
+        if drop_unread and g.of_kind(CONSUMER):
+            mag = torch.minimum(mag, _channel_magnitude(graph, model, g, (CONSUMER,)))
         keep = mag > threshold
         if not bool(keep.any()):
             empty.append(g.index)
@@ -717,10 +728,11 @@ def _drop_from_optimizer(optimizer: torch.optim.Optimizer, params: List[Tensor])
 def reconfigure(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], example_input: Tensor,
                 threshold: float = 0.0, round_to: int = 1, graph: Optional[ChannelGraph] = None,
                 keep: Optional[Dict[int, Tensor]] = None, remove_dead: bool = True,
-                report_flops: bool = True,
+                report_flops: bool = True, drop_unread: bool = True,
                 ) -> Tuple[nn.Module, Optional[torch.optim.Optimizer], ReconfigureReport]:
     """Removes, in place, every channel whose weights are all within ``threshold`` of zero in every
-    conv/linear sharing it, and compacts BN statistics, gradients and the optimizer state with the
+    conv/linear sharing it — or, with ``drop_unread``, in every conv/linear reading it (see
+    :func:`channel_keep_masks`) — and compacts BN statistics, gradients and the optimizer state with the
     same keep-sets. Returns ``(model, optimizer, report)``; ``report`` gives channels, parameters
     and FLOPs (``torch.utils.flop_counter``) before and after, and the residual branches removed.
 
@@ -743,10 +755,12 @@ def reconfigure(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ex
     if fused_cls is not None and isinstance(model, fused_cls):
         from .fuse import fuse_blocks
         inner, optimizer, report = reconfigure(model.unfused, optimizer, example_input, threshold,
-                                               round_to, graph, keep, remove_dead, report_flops)
+                                               round_to, graph, keep, remove_dead, report_flops,
+                                               drop_unread)
         return fuse_blocks(inner), optimizer, report
     graph = ChannelGraph(model, example_input) if graph is None else graph
-    masks = channel_keep_masks(graph, model, threshold, round_to, remove_dead) if keep is None else dict(keep)
+    masks = (channel_keep_masks(graph, model, threshold, round_to, remove_dead, drop_unread)
+             if keep is None else dict(keep))
     for gi, k in list(masks.items()):
         if not 0 <= gi < len(graph.groups) or not graph.groups[gi].prunable \
                 or torch.as_tensor(k).numel() != graph.groups[gi].size:

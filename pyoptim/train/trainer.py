@@ -602,8 +602,26 @@ class Trainer:
         self._epoch_time += now - self._segment_start
         self._segment_start = now
 
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Under DDP, makes the model's buffers identical on every rank: floating-point buffers
+        (BN running statistics) are averaged over the ranks, the others (``num_batches_tracked``)
+        taken from rank 0. DDP itself only broadcasts rank 0's buffers at the start of each
+        forward, so after the last step each rank holds its own statistics; the trainer calls
+        this at every epoch end, before evaluating and checkpointing."""
+        if not self.distributed:
+            return
+        world = dist.get_world_size()
+        for buf in self.model.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf.div_(world)
+            else:
+                dist.broadcast(buf, 0)
+
     def _end_epoch(self) -> None:
         self._epoch_iter = None
+        self.sync_buffers()
         stats = torch.cat([self._acc, self._acc.new_tensor([self._acc_count, float(self._has_acc)])])
         if self.distributed:
             dist.all_reduce(stats)

@@ -18,7 +18,7 @@ SOURCES := $(shell find csrc triton_kernels pyoptim -type f \( -name '*.py' -o -
 # PYOPTIM_DATA=<folder of the IDX files> uses another copy instead.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?= --model resnet20 --data fashion-mnist --method prunetrain --epochs 4 --train-subset 20000 \
-             --lpr 0.7 --threshold 0.05 --interval 1 --max-batch-size 512 --out runs/demo
+             --lpr 0.7 --threshold 0.05 --interval 1 --max-batch-size 512 --precise-bn 20 --out runs/demo
 
 .PHONY: demo test cuda-check bench bench-prunetrain install clean fashion-mnist
 

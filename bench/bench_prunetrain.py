@@ -40,7 +40,8 @@ def run(method: str, a, runs_dir: str) -> dict:
             "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--weight-decay", str(a.weight_decay),
             "--device", a.device, "--seed", str(a.seed), "--train-subset", str(a.train_subset),
             "--lpr", str(a.lpr), "--interval", str(a.interval), "--threshold", str(a.threshold),
-            "--round-to", str(a.round_to), "--out", os.path.join(runs_dir, method)]
+            "--round-to", str(a.round_to), "--precise-bn", str(a.precise_bn),
+            "--out", os.path.join(runs_dir, method)]
     if a.data_dir:
         argv += ["--data-dir", a.data_dir]
     if a.max_batch_size:
@@ -134,6 +135,9 @@ def main() -> None:
                     "the LR scaling: at most max/batch-size times)")
     ap.add_argument("--no-grow-batch", action="store_true")
     ap.add_argument("--fuse", action="store_true")
+    ap.add_argument("--precise-bn", type=int, default=20, help="BN statistics recomputed over N training "
+                    "batches at every epoch end, in both runs (group lasso shrinks channels fast enough "
+                    "that the running averages lag)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs-dir", default=None, help="where the two runs' report folders go (default: a temp dir)")

@@ -137,7 +137,8 @@ def run_training(args, progress: bool = True) -> Dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     trainer = Trainer(model, opt, train, scheduler=sched, eval_data=test, plugins=plugins,
                       max_epochs=args.epochs, log_every=args.log_every if progress else 0,
-                      progress=printer, amp=None if args.amp == "none" else args.amp)
+                      progress=printer, amp=None if args.amp == "none" else args.amp,
+                      precise_bn=args.precise_bn)
     t0 = time.perf_counter()
     history = trainer.fit()
     wall = time.perf_counter() - t0
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 8x --batch-size; on CUDA also the measured free memory)")
     t.add_argument("--fuse", action="store_true", help="run reconfigured blocks on the fused kernels")
     t.add_argument("--amp", default="none", choices=("none", "fp16", "bf16"))
+    t.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                   help="recompute the BN running statistics over N training batches at every epoch "
+                        "end (before the test evaluation)")
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--train-subset", type=int, default=0, help="use only the first N training images")

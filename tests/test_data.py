@@ -507,3 +507,18 @@ def test_cuda_matches_cpu(placement):
         assert a.is_cuda and b.is_cuda
         torch.testing.assert_close(a.cpu(), c)
         assert torch.equal(b.cpu(), d)
+
+
+def test_sample_batches_leave_the_loader_where_it_was():
+    A = ids_loader(50, 8, seed=3, augment=True, crop_padding=1)
+    it = iter(A)
+    first = [next(it) for _ in range(2)]
+    state = A.state_dict()
+    sampled = list(A.sample_batches(3, epoch=0))         # epoch 0's first batches, augmentation too
+    assert A.state_dict() == state
+    assert len(sampled) == 3
+    for (xs, ys), (xf, yf) in zip(sampled[:2], first):
+        assert torch.equal(ys, yf) and torch.equal(xs, xf)
+    rest = list(it)                                      # the epoch continues as if never sampled
+    assert sorted(sum((y.tolist() for _, y in first + rest), [])) == list(range(50))
+    assert len(list(A.sample_batches(100))) == 7         # at most one epoch's batches

@@ -733,3 +733,61 @@ def test_ddp_two_gloo_processes(tmp_path):
     single = model.state_dict()
     for k, v in r0["params"].items():
         torch.testing.assert_close(v, single[k], rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# BN recalibration (precise BN)
+
+def _bn_net():
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, momentum=0.3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(108, 2)).double()
+
+
+def test_recalibrate_bn_is_the_plain_average_over_the_batches():
+    x, y = separable(48, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = _bn_net()
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), None, log_every=0)
+    bn = model[1]
+    bn.num_batches_tracked.fill_(7)
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)]
+    model.eval()
+    assert t.recalibrate_bn(batches) == 3
+    with torch.no_grad():
+        h = [model[0](b) for b, _ in batches]
+    mean = torch.stack([v.mean((0, 2, 3)) for v in h]).mean(0)
+    var = torch.stack([v.var((0, 2, 3), unbiased=True) for v in h]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-12, atol=1e-12)
+    assert bn.momentum == 0.3 and int(bn.num_batches_tracked) == 7 and not model.training
+
+
+def test_precise_bn_at_every_epoch_end():
+    from pyoptim.data import DeviceLoader
+    data = DeviceLoader.from_dataset("synthetic", "train", batch_size=16,
+                                     dataset_kwargs=dict(num_samples=64, num_classes=2, image_size=6,
+                                                         in_channels=1, seed=0))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(108, 2))
+    seen = []
+
+    class Spy(Plugin):
+        def on_epoch_end(self, trainer, epoch, metrics):
+            seen.append(model[1].running_mean.clone())
+
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, plugins=[Spy()],
+                max_epochs=2, log_every=0, precise_bn=2)
+    t.fit()
+    # the statistics at each epoch end are those of the first 2 batches of the loader's next epoch
+    with torch.no_grad():
+        h = [model[0](b) for b, _ in data.sample_batches(2)]
+    torch.testing.assert_close(seen[-1], torch.stack([v.mean((0, 2, 3)) for v in h]).mean(0))
+    # a loader without sample_batches: a warning, training goes on
+    x, y = separable(32)
+    model2 = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(108, 2))
+    with pytest.warns(RuntimeWarning, match="sample_batches"):
+        Trainer(model2, torch.optim.SGD(model2.parameters(), lr=0.1), TensorLoader(x, y, 8),
+                max_epochs=1, log_every=0, precise_bn=2).fit()
+    with pytest.raises(ValueError, match="precise_bn"):
+        Trainer(model2, torch.optim.SGD(model2.parameters(), lr=0.1), None, precise_bn=-1)

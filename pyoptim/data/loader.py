@@ -263,6 +263,22 @@ class DeviceLoader:
             yield self._batch(epoch, start, stop)  # batch trains resumes after it
 
     # -------------------------------------------------------------------------------- batches
+    def sample_batches(self, num_batches: int, epoch: int | None = None):
+        """The first ``num_batches`` batches of ``epoch``'s order (default: the current epoch),
+        with that epoch's augmentation, without moving the loader (its position, epoch and
+        resume state are untouched): for recalibrating BN statistics
+        (``Trainer(precise_bn=n)``)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        start = 0
+        for _ in range(int(num_batches)):
+            stop = min(start + self.batch_size, self.num_samples)
+            if stop - start < self.world_size:
+                return
+            yield self._batch(epoch, start, stop)
+            start = stop
+            if start >= self.num_samples:
+                return
+
     def batch_indices(self, epoch: int, start: int, stop: int) -> torch.Tensor:
         """This rank's sample indices for the global batch ``[start, stop)`` of ``epoch``."""
         lo, hi = self._rank_slice(start, stop)

@@ -108,13 +108,20 @@ def draw(result: dict, path: str) -> str:
     ax[3].set(xlabel="conv layer", ylabel="output channels", title="channels per layer")
     ax[3].legend()
     r = result["ratios"]
-    fig.suptitle(f"PruneTrain vs dense: training FLOPs -{100 * r['train_flops_saving']:.0f}%, training time "
-                 f"-{100 * r['train_time_saving']:.0f}%, inference FLOPs -{100 * r['inference_flops_saving']:.0f}%, "
+    fig.suptitle(f"PruneTrain vs dense: training FLOPs {-100 * r['train_flops_saving']:+.0f}%, training time "
+                 f"{-100 * r['train_time_saving']:+.0f}%, inference FLOPs {-100 * r['inference_flops_saving']:+.0f}%, "
                  f"accuracy {100 * r['accuracy_delta']:+.2f} pt", y=1.02)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def redraw(json_path: str) -> str:
+    """Redraws the picture of a results file (``--redraw bench/results/prunetrain_cpu.json``)."""
+    import json
+    with open(json_path) as f:
+        return draw(json.load(f), os.path.splitext(json_path)[0] + ".png")
 
 
 def main() -> None:
@@ -143,7 +150,11 @@ def main() -> None:
     ap.add_argument("--runs-dir", default=None, help="where the two runs' report folders go (default: a temp dir)")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--redraw", default=None, metavar="JSON", help="only redraw the picture of a results file")
     a = ap.parse_args()
+    if a.redraw:
+        print(f"picture: {redraw(a.redraw)}")
+        return
     device = torch.device(a.device)
     runs_dir = a.runs_dir or tempfile.mkdtemp(prefix="bench_prunetrain_")
     # PruneTrain first: its first epochs show at once whether the settings prune at all
@@ -176,9 +187,9 @@ def main() -> None:
         print(f"  {name:10s} test acc {100 * r['test_accuracy']:.2f}%  training {r['train_flops_total'] / 1e12:.2f} TFLOP  "
               f"inference {r['inference_flops_per_sample'] / 1e6:.1f} MFLOP/sample  training time "
               f"{r['train_time_s']:.0f} s  (whole run {r['wall_s']:.0f} s)")
-    print(f"  PruneTrain: training FLOPs -{100 * ratios['train_flops_saving']:.1f}%, training time "
-          f"-{100 * ratios['train_time_saving']:.1f}% ({ratios['train_speedup']:.2f}x), inference FLOPs "
-          f"-{100 * ratios['inference_flops_saving']:.1f}%, accuracy {100 * ratios['accuracy_delta']:+.2f} pt; "
+    print(f"  PruneTrain: training FLOPs {-100 * ratios['train_flops_saving']:+.1f}%, training time "
+          f"{-100 * ratios['train_time_saving']:+.1f}% ({ratios['train_speedup']:.2f}x), inference FLOPs "
+          f"{-100 * ratios['inference_flops_saving']:+.1f}%, accuracy {100 * ratios['accuracy_delta']:+.2f} pt; "
           f"group lasso {100 * ratios['group_lasso_share_of_train_time']:.1f}% and reconfiguration "
           f"{100 * ratios['reconfigure_share_of_train_time']:.1f}% of its training time")
     print(f"  goals: {goals}")

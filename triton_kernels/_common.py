@@ -1,8 +1,10 @@
-"""Triton helpers shared by the kernel families (imports only triton and the standard library)."""
+"""Triton helpers shared by the kernel families (imports triton, torch and the standard library)."""
+import functools
 import math
 import struct
 from typing import Tuple
 
+import torch
 import triton
 import triton.language as tl
 
@@ -42,3 +44,17 @@ def split_f32(x: float) -> Tuple[float, float]:
         hi = math.copysign(math.inf, x)
     lo = x - hi if math.isfinite(hi) else 0.0
     return hi, lo
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached), 1 elsewhere: under the CPU
+    interpreter splitting a reduction only adds work."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_sms(idx)
+    return 1

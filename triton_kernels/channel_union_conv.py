@@ -88,7 +88,6 @@ per-element predicated loads (contiguity cannot be proven from computed offsets)
 load-latency bound rather than MMA bound. The BN passes are memory bound; the contiguous axis of
 their tiles (``B`` for NCHW, ``C`` for channels_last) is known at compile time.
 """
-import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -97,6 +96,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import mma as _mma
+from ._common import num_sms as _num_sms
 from ._common import split_f32 as _split_f32
 from ._common import split_range as _split_chunks
 from ._common import to_acc as _to_acc
@@ -518,18 +518,6 @@ def _pair(v) -> Tuple[int, int]:
         return v, v
     a, b = v
     return int(a), int(b)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return _cuda_sms(idx)
-    return 1  # CPU interpreter: splitting only adds work
 
 
 def _gemm_cfg(Kg: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:

@@ -46,7 +46,6 @@ fp64 to mma, fp32 IEEE to FMA). The gathered operand loads are per-element predi
 (their contiguity is not provable from computed offsets), so they are not vectorized nor
 turned into cp.async pipelines: the conv kernel is load-latency bound, not MMA bound.
 """
-import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -55,6 +54,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import mma as _mma
+from ._common import num_sms as _num_sms
 from ._common import split_range as _split_range
 from ._common import to_acc as _to_acc
 
@@ -279,18 +279,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _np2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return _cuda_sms(idx)
-    return 1  # CPU interpreter: splitting only adds work
 
 
 def _gemm_cfg(M: int, N: int, L: int, dtype: torch.dtype,

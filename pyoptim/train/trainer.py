@@ -211,6 +211,7 @@ class Trainer:
         self.samples_seen = 0          # this rank's samples
         self.history = History()
         self.should_stop = False
+        self.skip_epoch_eval = False   # a plug-in sets it to skip the coming epoch end's eval
         self.last_input: Any = None    # the last batch's x (on the device): an example input
         self.last_grad_norm: Optional[Tensor] = None
         self._batch_size: Optional[int] = None   # global; when the loader does not say
@@ -670,7 +671,9 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         self._epoch_iter = None
-        self._precise_bn()
+        skip_eval, self.skip_epoch_eval = self.skip_epoch_eval, False
+        if not skip_eval:
+            self._precise_bn()
         self.sync_buffers()
         stats = torch.cat([self._acc, self._acc.new_tensor([self._acc_count, float(self._has_acc)])])
         if self.distributed:
@@ -690,7 +693,7 @@ class Trainer:
             "lr": self.lr,
             "batch_size": self.batch_size,
         }
-        if self.eval_data is not None:
+        if self.eval_data is not None and not skip_eval:
             ev = self.evaluate()
             row["eval_loss"], row["eval_accuracy"] = ev["loss"], ev["accuracy"]
         for k, v in self._extra.items():

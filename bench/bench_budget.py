@@ -1,0 +1,190 @@
+"""Budgeted training on real data (Fashion-MNIST): accuracy per budget and knob set.
+
+1. The **full run**: the full recipe (SGD + Nesterov, cosine LR over ``--full-epochs`` epochs,
+   weight decay, augmentation), run to its end; its wall-clock time ``T`` (from the command's
+   start to its report) is the reference budget and its test accuracy the reference accuracy.
+2. For every budget ``T / f`` (``--fractions 2,5,10,20``) and every knob set (``--configs``):
+   a budgeted ``pyoptim train --budget`` run, one clock from its start to its report:
+
+   ``none``         the naive baseline: the full recipe cut off when the budget runs out
+   ``schedule``     budget-aware LR (warm-up, linear decay to zero when the time runs out)
+   ``selective``    selective backprop (highest-loss half of each 2x batch), naive schedule
+   ``importance``   loss-based importance sampling with unbiasing weights, naive schedule
+   ``width``        width chosen by timed probes, naive schedule
+   ``auto``         all together, as the planner (pyoptim.budget.plan) chooses them
+
+   Every budgeted run evaluates only at its end (``--no-epoch-eval``): epoch-end evaluations
+   cost budget.
+
+Reported: the accuracy table, accuracy relative to the full run, the seconds each run really
+took (it must end within the budget), and the goals: at 1/20 of the full budget within 2 points
+of the full run; every knob beats the naive cut-off at every budget. Writes
+``bench/results/budget_<model>_<device>.json`` and the picture ``.png`` beside it.
+
+    python bench/bench_budget.py [--model resnet18] [--full-epochs 2] [--fractions 2,5,10,20]
+        [--configs none,schedule,selective,importance,width,auto] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import utils as bu  # noqa: E402
+
+from pyoptim import cli  # noqa: E402
+
+CONFIGS = ("none", "schedule", "selective", "importance", "width", "auto")
+
+
+def _argv(a, out: str) -> list:
+    argv = ["train", "--method", "dense", "--model", a.model, "--data", a.data,
+            "--epochs", str(a.full_epochs), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
+            "--weight-decay", str(a.weight_decay), "--device", a.device, "--seed", str(a.seed),
+            "--train-subset", str(a.train_subset), "--out", out, "--log-every", "50"]
+    if a.data_dir:
+        argv += ["--data-dir", a.data_dir]
+    if a.synthetic_samples:
+        argv += ["--synthetic-samples", str(a.synthetic_samples)]
+    return argv
+
+
+def full_run(a, runs_dir: str) -> dict:
+    argv = _argv(a, os.path.join(runs_dir, "full"))
+    print(f"--- full run: {' '.join(argv)}", file=sys.stderr)
+    t0 = time.perf_counter()
+    rep = cli.run_training(cli.build_parser().parse_args(argv), progress=not a.quiet)
+    total = time.perf_counter() - t0           # command start to report, as the budgets count
+    hist = rep["history"]
+    return {"seconds": total, "test_accuracy": rep["final"]["test_accuracy"],
+            "test_accuracy_per_epoch": [r.get("eval_accuracy") for r in hist],
+            "time_per_epoch_s": [r["time_s"] for r in hist], "epochs": a.full_epochs,
+            "setup_s": rep["setup_s"]}
+
+
+def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
+    out = os.path.join(runs_dir, f"{knobs}-{seconds:.0f}s")
+    argv = _argv(a, out) + ["--budget", f"{seconds:.3f}", "--knobs", knobs, "--no-epoch-eval",
+                            "--min-epochs", str(a.min_epochs)]
+    print(f"--- {knobs} in {seconds:.1f} s", file=sys.stderr)
+    rep = cli.run_training(cli.build_parser().parse_args(argv), progress=not a.quiet)
+    b = rep["budget"]
+    plan = b.get("plan") or {}
+    return {"knobs": knobs, "budget_s": seconds, "test_accuracy": rep["final"]["test_accuracy"],
+            "end_s": b["end_s"], "elapsed_s": b["elapsed_s"], "within_budget": b["end_s"] <= seconds,
+            "steps": b["steps"], "epochs": b["epochs"], "width": rep["final"]["width"],
+            "selector": b["selector"], "knobs_used": b["knobs"], "stop_reason": b["stop_reason"],
+            "time_s": b["time_s"], "plan_reasons": plan.get("reasons"),
+            "width_probes": (plan.get("width_choice") or {}).get("probes")}
+
+
+def draw(result: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    full = result["full"]
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    for i, cfg in enumerate(result["config"]["configs"]):
+        rows = sorted((r for r in result["runs"] if r["knobs"] == cfg), key=lambda r: r["budget_s"])
+        ax[0].plot([r["budget_s"] for r in rows], [100 * r["test_accuracy"] for r in rows], marker="o",
+                   color="black" if cfg == "none" else f"C{i}", ls="--" if cfg == "none" else "-",
+                   label="naive cut-off" if cfg == "none" else cfg)
+        ax[1].plot([full["seconds"] / r["budget_s"] for r in rows],
+                   [100 * (r["test_accuracy"] - full["test_accuracy"]) for r in rows], marker="o",
+                   color="black" if cfg == "none" else f"C{i}", ls="--" if cfg == "none" else "-",
+                   label="naive cut-off" if cfg == "none" else cfg)
+    ax[0].axhline(100 * full["test_accuracy"], color="grey", ls=":",
+                  label=f"full run ({full['seconds']:.0f} s)")
+    ax[0].set(xscale="log", xlabel="budget (s)", ylabel="test accuracy (%)",
+              title=f"{result['config']['model']} on {result['config']['data']} ({result['device']})"[:70])
+    ax[0].legend(fontsize=8)
+    ax[1].axhline(-2, color="red", ls=":", label="goal: -2 pt at 1/20")
+    ax[1].set(xscale="log", xlabel="speed-up over the full run (x)", ylabel="accuracy - full run (pt)",
+              title="accuracy lost against the time saved")
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--full-epochs", type=int, default=2)
+    ap.add_argument("--full-seconds", type=float, default=0.0,
+                    help="skip the full run: use this reference time (and --full-accuracy)")
+    ap.add_argument("--full-accuracy", type=float, default=0.0)
+    ap.add_argument("--fractions", default="2,5,10,20")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--train-subset", type=int, default=0)
+    ap.add_argument("--synthetic-samples", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--min-epochs", type=float, default=2.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--redraw", default=None, metavar="JSON")
+    a = ap.parse_args()
+    if a.redraw:
+        with open(a.redraw) as f:
+            print(f"picture: {draw(json.load(f), os.path.splitext(a.redraw)[0] + '.png')}")
+        return
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in CONFIGS:
+            raise SystemExit(f"bench_budget: unknown config {c!r} (choose from {', '.join(CONFIGS)})")
+    fractions = [float(f) for f in a.fractions.split(",")]
+    device = torch.device(a.device)
+    runs_dir = a.runs_dir or tempfile.mkdtemp(prefix="bench_budget_")
+    if a.full_seconds:
+        full = {"seconds": a.full_seconds, "test_accuracy": a.full_accuracy, "given": True}
+    else:
+        full = full_run(a, runs_dir)
+    runs = []
+    for f in fractions:
+        for c in configs:
+            runs.append(dict(budget_run(a, runs_dir, c, full["seconds"] / f), fraction=f))
+            r = runs[-1]
+            print(f"\n    1/{f:g}: {c}: {100 * r['test_accuracy']:.2f}% (ended at {r['end_s']:.1f} of "
+                  f"{r['budget_s']:.1f} s, {r['epochs']:.2f} epochs, width {r['width']})", file=sys.stderr)
+    acc = {(r["fraction"], r["knobs"]): r["test_accuracy"] for r in runs}
+    beats = {}
+    for c in configs:
+        if c != "none" and "none" in configs:
+            beats[c] = all(acc[(f, c)] > acc[(f, "none")] for f in fractions)
+    best_at = {f: max(acc[(f, c)] for c in configs) for f in fractions}
+    goals = {}
+    if 20.0 in fractions:
+        goals["best at 1/20 within 2 pt of the full run"] = best_at[20.0] >= full["test_accuracy"] - 0.02
+    goals.update({f"{c} beats the naive cut-off at every budget": v for c, v in beats.items()})
+    goals["every run ended within its budget"] = all(r["within_budget"] for r in runs)
+    env = bu.environment(device)
+    result = {"benchmark": "budget", **env,
+              "config": dict({k: v for k, v in vars(a).items() if k not in ("runs_dir", "out_dir", "quiet", "redraw")},
+                             configs=configs, fractions=fractions),
+              "full": full, "runs": runs, "best_at_fraction": best_at, "goals_met": goals}
+    path = bu.write_result(f"budget_{a.model}", device, result, a.out_dir)
+    png = draw(result, os.path.splitext(path)[0] + ".png")
+    print(f"\n{a.model} on {a.data}: full run {100 * full['test_accuracy']:.2f}% in {full['seconds']:.0f} s ({env['device']})")
+    print("budget      " + "".join(f"{c:>12s}" for c in configs))
+    for f in fractions:
+        print(f"1/{f:<4g}{full['seconds'] / f:6.0f}s" + "".join(f"{100 * acc[(f, c)]:11.2f}%" for c in configs))
+    print(f"goals: {goals}")
+    print(f"results: {path}\npicture: {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""``plan``: choose the knob settings for a budget from short probes, and say why."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch.nn.functional as F
+from torch import nn
+
+from .clock import BudgetClock, format_duration
+from .width import DEFAULT_WIDTHS, WidthChoice, choose_width
+
+__all__ = ["Plan", "plan"]
+
+
+@dataclass
+class Plan:
+    """The knob settings :func:`plan` chose. ``knobs`` go to :class:`~pyoptim.budget.Budgeted`
+    (:meth:`budgeted` builds it), ``width`` to the model, ``batch_size`` to the loader (the pool
+    a selector picks from: the trained batch stays the one you asked for). ``reasons`` say why,
+    one line per knob; :meth:`explain` prints them."""
+    seconds: float
+    width: float
+    knobs: Tuple[str, ...]
+    select_fraction: float
+    batch_size: Optional[int]
+    warmup: float
+    width_choice: WidthChoice
+    reasons: Dict[str, str] = field(default_factory=dict)
+    probe_seconds: float = 0.0
+
+    def budgeted(self, clock: Optional[BudgetClock] = None, **kwargs):
+        """The :class:`~pyoptim.budget.Budgeted` plug-in with this plan's knobs (``kwargs`` go to
+        it; pass the clock the plan ran on so the probes stay counted)."""
+        from .plugin import Budgeted
+        kwargs.setdefault("warmup", self.warmup)
+        kwargs.setdefault("select_fraction", self.select_fraction)
+        if clock is None:
+            return Budgeted(self.seconds, self.knobs, **kwargs)
+        return Budgeted(knobs=self.knobs, clock=clock, **kwargs)
+
+    def explain(self) -> str:
+        lines = [f"plan for a {format_duration(self.seconds)} budget "
+                 f"(probes took {self.probe_seconds:.1f} s of it):"]
+        for k in ("model", "data", "schedule", "averaging"):
+            if k in self.reasons:
+                lines.append(f"  {k}: {self.reasons[k]}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"seconds": self.seconds, "width": self.width, "knobs": list(self.knobs),
+                "select_fraction": self.select_fraction, "batch_size": self.batch_size,
+                "warmup": self.warmup, "width_choice": self.width_choice.as_dict(),
+                "reasons": dict(self.reasons), "probe_seconds": self.probe_seconds}
+
+
+def plan(model_fn: Callable[[float], nn.Module], data, seconds: Optional[float] = None, *,
+         clock: Optional[BudgetClock] = None, widths: Sequence[float] = DEFAULT_WIDTHS,
+         min_epochs: float = 2.0, select_min_epochs: float = 3.0, select_fraction: float = 0.5,
+         warmup: float = 0.05, batch_size: Optional[int] = None, steps: int = 3,
+         loss_fn: Callable = F.cross_entropy) -> Plan:
+    """Chooses the knobs for training ``model_fn(width)`` on ``data`` (the training loader) in
+    ``seconds`` (or the time left on ``clock``):
+
+    * **model**: :func:`~pyoptim.budget.choose_width` — timed probes of each width; the widest
+      that still makes ``min_epochs`` passes over the data.
+    * **data**: selective backprop on the highest-loss ``select_fraction`` of batches
+      ``batch_size / select_fraction`` large when the chosen width makes at least
+      ``select_min_epochs`` passes (after the first passes most samples are learnt, and the
+      backward pass is spent on the ones that are not); uniform batches otherwise (in the first
+      passes every sample is new, and skipping half of them throws data away).
+    * **schedule**: the budget-aware linear warm-up + decay to zero (always: it is what lets a
+      run that stops at any moment end annealed).
+    * **averaging**: off — with the LR decayed linearly to zero the last iterates are already
+      averaged (Li et al., 2020), and an average over a short run lags behind.
+
+    ``batch_size`` (default: the loader's) is the batch trained on per step."""
+    t0 = time.perf_counter()
+    if clock is None:
+        if seconds is None:
+            raise ValueError("plan: give seconds or clock")
+        clock = BudgetClock(seconds)
+    if batch_size is None:
+        batch_size = getattr(data, "batch_size", None)
+    wc = choose_width(model_fn, data, clock=clock, widths=widths, min_epochs=min_epochs,
+                      steps=steps, loss_fn=loss_fn)
+    chosen = next(r for r in wc.probes if r["width"] == wc.width)
+    epochs = chosen["epochs"]
+    reasons = {"model": wc.reason}
+    knobs: List[str] = ["schedule"]
+    pool = batch_size
+    if epochs >= select_min_epochs:
+        knobs.append("selective")
+        if batch_size:
+            pool = int(round(batch_size / select_fraction))
+        # per pool sample: a forward (~1/3 of a step) for all, forward+backward for the fraction
+        speed = 1.0 / (1.0 / 3.0 + select_fraction)
+        reasons["data"] = (f"selective backprop on the highest-loss {select_fraction:g} of each batch of "
+                           f"{pool}: width {wc.width:g} makes {epochs:.1f} passes (>= {select_min_epochs:g}), "
+                           f"so most samples are learnt after the first ones; ~{speed:.1f}x the samples "
+                           f"per second of uniform batches, backward only on the hard ones")
+    else:
+        reasons["data"] = (f"uniform batches: width {wc.width:g} makes {epochs:.2f} passes "
+                           f"(< {select_min_epochs:g}), so every sample is still new and skipping "
+                           f"backward passes would throw data away")
+    reasons["schedule"] = (f"linear warm-up over {warmup:.0%} of the training time, then linear decay "
+                           f"to zero when the time runs out (keyed to seconds, not epochs)")
+    reasons["averaging"] = ("off: the linear decay to zero already averages the last iterates, and "
+                            "a weight average over a short run lags behind the model")
+    return Plan(seconds=clock.seconds, width=wc.width, knobs=tuple(knobs),
+                select_fraction=select_fraction, batch_size=pool, warmup=warmup,
+                width_choice=wc, reasons=reasons, probe_seconds=time.perf_counter() - t0)

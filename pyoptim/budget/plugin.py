@@ -1,0 +1,547 @@
+"""``Budgeted``: train for a wall-clock budget, as a plug-in of :class:`pyoptim.train.Trainer`.
+
+What the clock covers: everything from the clock's start (the plug-in's creation, or a
+:class:`~pyoptim.budget.BudgetClock` made earlier and passed in) to the end of ``fit()``: data
+preparation and model building done after that point, probes, compilation (the first steps),
+every training step with its sample selection and weight averaging, the epoch-end work
+(evaluation, precise BN, checkpoints, other plug-ins) and the final phase (weight-average swap,
+BN recalibration, final evaluation). ``reserve_s`` keeps seconds free for what the caller does
+after ``fit()`` returns (writing a report).
+
+How it stops: after every step it predicts the next step's time (a high quantile of the recent
+steps), the epoch-end work when the next step ends an epoch, and the final phase (first from a
+timed probe of one evaluation batch, then from the measured evaluations), and stops when they
+would not fit before the deadline; an epoch-end evaluation that would not fit is skipped rather
+than the training cut. Under DDP the predictions are all-reduced (maximum) every step, so all
+ranks take the same decision at the same step and use the same learning rate.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..train.plugin import Plugin
+from .clock import BudgetClock, format_duration
+from .schedule import WeightEMA, budget_lr_factor
+from .selection import Selector, UniformSelection, make_selector
+
+__all__ = ["Budgeted", "KNOBS"]
+
+#: knob names accepted by :class:`Budgeted`
+KNOBS = ("schedule", "ema", "uniform", "selective", "importance")
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type not in ("cpu", "meta"):
+        acc = getattr(torch, "accelerator", None)
+        if acc is not None and hasattr(acc, "synchronize"):
+            acc.synchronize(device)
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return 0.0
+    pos = q * (len(s) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+class _WeightedLoss:
+    """The trainer's loss while a selector hands out per-sample weights: ``mean(w * l)``."""
+
+    def __init__(self, per_sample_loss: Callable, plugin: "Budgeted"):
+        self.per_sample_loss = per_sample_loss
+        self.plugin = plugin
+
+    def __call__(self, out, y):
+        losses = self.per_sample_loss(out, y)
+        w = self.plugin._weights
+        if w is None:
+            return losses.mean()
+        return (losses * w.to(losses.dtype)).mean()
+
+
+class Budgeted(Plugin):
+    """Train for ``seconds`` of wall-clock time (see the module docstring for what the clock
+    covers and how the stop is predicted).
+
+    Args:
+        seconds: the budget (a number of seconds or a string such as ``"90s"``, ``"2m"``); or
+            give ``clock``.
+        knobs: any of ``"schedule"`` (budget-aware LR: linear warm-up over ``warmup`` of the
+            training time, then linear decay to zero when the training time runs out; the LR
+            peak is each param group's ``initial_lr``, else its ``lr`` at the first ``fit``),
+            ``"ema"`` (the final model is the exponential average of the weights,
+            ``ema_decay``), and one sample selector: ``"uniform"`` (the batch as it is),
+            ``"selective"`` (selective backprop), ``"importance"`` (loss-based importance
+            sampling) — or a :class:`~pyoptim.budget.Selector` object. ``()`` is the naive
+            cut-off: the trainer's own recipe, stopped when the budget runs out. The model
+            knob (width) is chosen before the model exists: :func:`pyoptim.budget.choose_width`
+            or :func:`pyoptim.budget.plan`.
+        clock: a :class:`~pyoptim.budget.BudgetClock` started earlier (to count data loading
+            and probes); by default the clock starts now.
+        warmup: share of the training time for the LR warm-up (``"schedule"``).
+        ema_decay: decay of the weight average (``"ema"``).
+        select_fraction: share of each batch that a selector trains on.
+        per_sample_loss: ``fn(output, y) -> [n] losses`` for the selectors (default: cross
+            entropy with ``reduction="none"`` when the trainer's loss is ``F.cross_entropy``,
+            else the trainer's loss called with ``reduction="none"``).
+        final_eval: evaluate ``trainer.eval_data`` once training stops (in the budget).
+        epoch_eval: keep the trainer's evaluation at every epoch end (each one costs budget;
+            one that would not fit is skipped anyway).
+        reserve_s: seconds kept free after ``fit()`` for the caller.
+        sync_device: synchronise the device after every step so the step times are real
+            (needed on asynchronous devices; a small cost).
+        seed: seed of the importance sampler's draws.
+
+    After ``fit()``: :attr:`result` (budget, seconds used, steps, stop reason, final accuracy,
+    where the time went), :attr:`timeline` (elapsed seconds and accuracy at each evaluation)
+    and :attr:`lr_trace` (elapsed seconds, LR per step).
+    """
+
+    name = "budgeted"
+
+    def __init__(self, seconds: Union[None, str, float] = None,
+                 knobs: Union[str, Iterable[Union[str, Selector]]] = ("schedule",), *,
+                 clock: Optional[BudgetClock] = None, warmup: float = 0.05,
+                 ema_decay: float = 0.999, select_fraction: float = 0.5,
+                 per_sample_loss: Optional[Callable] = None, final_eval: bool = True,
+                 epoch_eval: bool = True, reserve_s: float = 0.0, sync_device: bool = True,
+                 seed: int = 0):
+        if clock is None:
+            if seconds is None:
+                raise ValueError("Budgeted: give seconds (the budget) or clock")
+            clock = BudgetClock(seconds)
+        elif seconds is not None and abs(BudgetClock(seconds, 0.0).seconds - clock.seconds) > 1e-9:
+            raise ValueError(f"Budgeted: seconds={seconds!r} differs from the clock's budget "
+                             f"{clock.seconds} s")
+        self.clock = clock
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"Budgeted: warmup must be in [0, 1), got {warmup}")
+        if reserve_s < 0:
+            raise ValueError(f"Budgeted: reserve_s must be >= 0, got {reserve_s}")
+        if isinstance(knobs, (str, Selector)):
+            knobs = (knobs,)
+        names: List[str] = []
+        selector: Optional[Selector] = None
+        for k in knobs:
+            if isinstance(k, Selector):
+                sel = k
+            elif isinstance(k, str):
+                key = k.lower().replace("_", "-")
+                if key in ("width", "model"):
+                    raise ValueError("Budgeted: the width knob is chosen before the model is built: "
+                                     "use pyoptim.budget.choose_width(...) or pyoptim.budget.plan(...)")
+                if key in ("schedule", "ema"):
+                    if key not in names:
+                        names.append(key)
+                    continue
+                if key in ("none", "naive"):
+                    continue
+                try:
+                    sel = make_selector(key, select_fraction, seed)
+                except ValueError:
+                    raise ValueError(f"Budgeted: unknown knob {k!r} (knobs: {', '.join(KNOBS)}, or a "
+                                     f"Selector)") from None
+            else:
+                raise TypeError(f"Budgeted: a knob must be a name or a Selector, got {type(k).__name__}")
+            if selector is not None:
+                raise ValueError(f"Budgeted: two sample selectors given ({selector.name}, {sel.name})")
+            selector = sel
+            names.append(sel.name)
+        self.knobs = tuple(names)
+        self.selector: Selector = selector if selector is not None else UniformSelection()
+        self.warmup = float(warmup)
+        self.ema_decay = float(ema_decay)
+        self.per_sample_loss = per_sample_loss
+        self.final_eval = bool(final_eval)
+        self.epoch_eval = bool(epoch_eval)
+        self.reserve_s = float(reserve_s)
+        self.sync_device = bool(sync_device)
+
+        self.ema: Optional[WeightEMA] = None
+        self.timeline: List[Dict[str, Any]] = []
+        self.lr_trace: List[tuple] = []
+        self.result: Dict[str, Any] = {}
+        self.time_s: Dict[str, float] = {"setup": 0.0, "probe": 0.0, "select": 0.0, "ema": 0.0,
+                                         "epoch_end": 0.0, "final": 0.0}
+        self.stop_reason: Optional[str] = None
+        self.train_start: Optional[float] = None     # clock seconds when training started
+        self._cycles: Deque[float] = deque(maxlen=24)
+        self._first_cycle: Optional[float] = None
+        self._boundary = True
+        self._last_end: Optional[float] = None
+        self._eval_probe: Optional[float] = None     # predicted seconds of one full evaluation
+        self._epoch_end_measured: Optional[float] = None
+        self._boundary_extra = 0.0
+        self._final_measured: Optional[float] = None
+        self._synced = {"elapsed": 0.0, "step": 0.0, "epoch_end": 0.0, "final": 0.0}
+        self._weights: Optional[Tensor] = None
+        self._orig_loss: Optional[Callable] = None
+        self._warned_sched = False
+        self._trainer_ref = None
+
+    # ------------------------------------------------------------------------------ predictions
+    def step_time(self) -> float:
+        """Predicted seconds of the next step (data fetch and hooks included): the 0.9 quantile
+        of the recent steps; before any full step, the first (warm-up) step's time."""
+        if len(self._cycles) >= 3:
+            return _quantile(list(self._cycles), 0.9)
+        if self._cycles:
+            return max(self._cycles)
+        return self._first_cycle or 0.0
+
+    def _precise_bn_time(self, trainer) -> float:
+        n = getattr(trainer, "precise_bn", 0) or 0
+        return 0.5 * n * self.step_time() if n else 0.0
+
+    def epoch_end_time(self, trainer) -> float:
+        """Predicted seconds of an epoch end with its evaluation."""
+        if self._epoch_end_measured is not None:
+            return self._epoch_end_measured + self._boundary_extra
+        ev = self._eval_probe if (self.epoch_eval and trainer.eval_data is not None) else 0.0
+        return (ev or 0.0) + self._precise_bn_time(trainer) + self._boundary_extra
+
+    def final_time(self, trainer) -> float:
+        """Predicted seconds of the final phase (average swap, BN recalibration, evaluation)."""
+        if self._final_measured is not None:
+            return self._final_measured
+        t = 0.0
+        if self.final_eval and trainer.eval_data is not None:
+            if self._epoch_end_measured is not None and self.epoch_eval:
+                t = self._epoch_end_measured
+            else:
+                t = (self._eval_probe or 0.0) + self._precise_bn_time(trainer)
+        return t
+
+    def _safety(self, step: float, final: float) -> float:
+        return 0.25 * step + 0.05 * final + 0.01
+
+    def remaining(self) -> float:
+        """Seconds left in the budget."""
+        return self.clock.remaining()
+
+    # -------------------------------------------------------------------------------- helpers
+    def _per_sample_loss(self, trainer) -> Callable:
+        if self.per_sample_loss is not None:
+            return self.per_sample_loss
+        base = self._orig_loss if self._orig_loss is not None else trainer.loss_fn
+        if base is F.cross_entropy:
+            return lambda out, y: F.cross_entropy(out, y, reduction="none")
+
+        def fn(out, y):
+            try:
+                return base(out, y, reduction="none")
+            except TypeError as exc:
+                raise ValueError("Budgeted: the sample selectors need per-sample losses: pass "
+                                 "per_sample_loss=fn(output, y) -> [n] losses (the trainer's loss_fn "
+                                 "takes no reduction='none')") from exc
+        return fn
+
+    @torch.no_grad()
+    def _probe_eval(self, trainer) -> float:
+        """Predicted seconds of one evaluation of ``trainer.eval_data``: one batch's eval-mode
+        forward timed (after a warm-up batch when there are two), scaled to the set."""
+        data = trainer.eval_data
+        sample = getattr(data, "sample_batches", None)
+        batches = []
+        if callable(sample):
+            batches = list(sample(2))
+        else:
+            it = iter(data)
+            for _ in range(2):
+                try:
+                    batches.append(next(it))
+                except StopIteration:
+                    break
+        if not batches:
+            return 0.0
+        model = trainer.model
+        was = model.training
+        model.eval()
+        try:
+            times, sizes = [], []
+            for b in batches:
+                x, y = trainer._unpack(b)
+                _sync(trainer.device)
+                t0 = time.perf_counter()
+                with trainer._autocast():
+                    out = model(x)
+                    trainer.loss_fn(out, y)
+                _sync(trainer.device)
+                times.append(time.perf_counter() - t0)
+                sizes.append(int(x.shape[0]))
+        finally:
+            model.train(was)
+        per_sample = (times[-1] / sizes[-1]) if len(times) > 1 else times[0] / sizes[0]
+        n = getattr(data, "num_samples", None)
+        if isinstance(n, int):
+            n = -(-n // max(getattr(data, "world_size", 1) or 1, 1))
+        else:
+            try:
+                n = len(data) * sizes[0]
+            except TypeError:
+                n = sizes[0]
+        return 1.15 * per_sample * n
+
+    def _peak_lrs(self, trainer) -> List[float]:
+        out = []
+        for g in trainer.optimizer.param_groups:
+            lr = g.setdefault("initial_lr", g["lr"])
+            out.append(float(lr))
+        return out
+
+    def _set_lr(self, trainer) -> None:
+        s = self._synced
+        end = self.clock.seconds - s["final"] - self.reserve_s - self._safety(s["step"], s["final"])
+        span = max(end - (self.train_start or 0.0), 1e-9)
+        frac = (s["elapsed"] + 0.5 * s["step"] - (self.train_start or 0.0)) / span
+        factor = budget_lr_factor(frac, self.warmup)
+        for g in trainer.optimizer.param_groups:
+            peak = g.setdefault("initial_lr", g["lr"])
+            value = float(peak) * factor
+            if isinstance(g["lr"], Tensor):
+                g["lr"].fill_(value)
+            else:
+                g["lr"] = value
+        self._fraction = min(max(frac, 0.0), 1.0)
+
+    def _share(self, trainer, values: Dict[str, float], flags: Sequence[float] = ()) -> List[float]:
+        """All-reduce (max) the predictions and flags so every rank decides alike."""
+        keys = list(values)
+        vec = [values[k] for k in keys] + list(flags)
+        if trainer.distributed and _dist_on():
+            t = torch.tensor(vec, dtype=torch.float64,
+                             device=trainer.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            vec = t.tolist()
+        for i, k in enumerate(keys):
+            self._synced[k] = vec[i]
+        return vec[len(keys):]
+
+    # ---------------------------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer) -> None:
+        self._trainer_ref = trainer
+        now = self.clock.elapsed()
+        if self.train_start is None:
+            self.train_start = now
+            self.time_s["setup"] = now
+        if "schedule" in self.knobs:
+            if trainer.scheduler is not None and not self._warned_sched:
+                warnings.warn("Budgeted: the 'schedule' knob sets the learning rate before every "
+                              "step; the trainer's LR scheduler is overridden (pass scheduler=None)",
+                              RuntimeWarning, stacklevel=2)
+                self._warned_sched = True
+            self._peak_lrs(trainer)
+        if "ema" in self.knobs and self.ema is None:
+            self.ema = WeightEMA(trainer.model, self.ema_decay)
+        elif self.ema is not None:
+            self.ema.to(trainer.device)          # a state loaded from a checkpoint
+        if self.selector.needs_scores:
+            self._score_loss = self._per_sample_loss(trainer)
+            if self.selector.weighted and not isinstance(trainer.loss_fn, _WeightedLoss):
+                self._orig_loss = trainer.loss_fn
+                trainer.loss_fn = _WeightedLoss(self._score_loss, self)
+        t0 = time.perf_counter()
+        if self._eval_probe is None and trainer.eval_data is not None and self.final_eval:
+            self._eval_probe = self._probe_eval(trainer)
+        self.time_s["probe"] += time.perf_counter() - t0
+        self.stop_reason = None
+        self._boundary = True
+        self._last_end = time.perf_counter()
+        self._share(trainer, {"elapsed": self.clock.elapsed(), "step": self.step_time(),
+                              "epoch_end": self.epoch_end_time(trainer),
+                              "final": self.final_time(trainer)})
+        if self._synced["elapsed"] + self._synced["final"] + self.reserve_s >= self.clock.seconds:
+            trainer.should_stop = True
+            self.stop_reason = "budget spent before training"
+        if not self.epoch_eval:
+            trainer.skip_epoch_eval = True
+
+    def before_step(self, trainer, step, x, y):
+        if "schedule" in self.knobs:
+            self._set_lr(trainer)
+        if not self.selector.needs_scores:
+            return None
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(f"Budgeted: sample selection needs tensor batches, got "
+                            f"{type(x).__name__}/{type(y).__name__}")
+        t0 = time.perf_counter()
+        losses = self.selector.score(trainer.module_for_forward, trainer.model, x, y,
+                                     self._score_loss, trainer._autocast)
+        idx, weights = self.selector.pick(losses, step)
+        idx = idx.to(x.device)
+        self._weights = weights.to(x.device) if weights is not None else None
+        self.time_s["select"] += time.perf_counter() - t0
+        return x.index_select(0, idx), y.index_select(0, idx)
+
+    def on_step_end(self, trainer, step, metrics) -> None:
+        self._weights = None
+        if self.ema is not None:
+            t0 = time.perf_counter()
+            self.ema.update(trainer.model)
+            self.time_s["ema"] += time.perf_counter() - t0
+        if self.sync_device:
+            _sync(trainer.device)
+        now = time.perf_counter()
+        cycle = now - self._last_end
+        if self._boundary:
+            if self._first_cycle is None:
+                self._first_cycle = cycle
+            elif self._cycles:
+                self._boundary_extra = max(self._boundary_extra, cycle - self.step_time())
+                self.time_s["epoch_end"] += max(cycle - self.step_time(), 0.0)
+        else:
+            self._cycles.append(cycle)
+        self._boundary = False
+        self._last_end = now
+        elapsed = self.clock.elapsed()
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        self.lr_trace.append((elapsed, float(lr)))
+        # the decision: another step (and the epoch end it may bring) + the final phase must fit
+        epoch_ends = bool(trainer._loader_epoch_finished())
+        will_stop = trainer._done()
+        step_t, ee_t, fin_t = self.step_time(), self.epoch_end_time(trainer), self.final_time(trainer)
+        self._share(trainer, {"elapsed": elapsed, "step": step_t, "epoch_end": ee_t, "final": fin_t})
+        s = self._synced
+        limit = self.clock.seconds - self.reserve_s - self._safety(s["step"], s["final"])
+        base = s["elapsed"] + s["step"] + s["final"]
+        if will_stop:
+            return
+        if epoch_ends and self.epoch_eval and trainer.eval_data is not None:
+            if base + s["epoch_end"] <= limit:
+                return
+            if base + self._boundary_extra <= limit:
+                trainer.skip_epoch_eval = True          # keep training, skip this evaluation
+                return
+        elif base + (self._boundary_extra if epoch_ends else 0.0) <= limit:
+            return
+        trainer.should_stop = True
+        self.stop_reason = "budget"
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        now = time.perf_counter()
+        evaluated = "eval_accuracy" in metrics or "eval_loss" in metrics
+        if evaluated:
+            self._epoch_end_measured = now - self._last_end
+        self.time_s["epoch_end"] += now - self._last_end
+        self._last_end = now            # the rest of the boundary is measured at the next step
+        self._boundary = True
+        elapsed = self.clock.elapsed()
+        metrics["budget_elapsed_s"] = elapsed
+        metrics["budget_left_s"] = self.clock.seconds - elapsed
+        if evaluated:
+            self.timeline.append({"t": elapsed, "epoch": epoch, "step": trainer.global_step,
+                                  "eval_accuracy": metrics.get("eval_accuracy"),
+                                  "eval_loss": metrics.get("eval_loss"),
+                                  "loss": metrics.get("loss"), "accuracy": metrics.get("accuracy")})
+        if not self.epoch_eval:
+            trainer.skip_epoch_eval = True
+
+    def on_model_replaced(self, trainer) -> None:
+        # a reconfigured model runs at another speed; the weight average restarts
+        self._cycles.clear()
+        self._boundary = True
+        if self.ema is not None:
+            self.ema.reset(trainer.model)
+
+    def on_fit_end(self, trainer) -> None:
+        if self._orig_loss is not None:
+            trainer.loss_fn = self._orig_loss
+            self._orig_loss = None
+        trainer.skip_epoch_eval = False
+        if self.stop_reason is None:
+            self.stop_reason = "trainer limits (max_epochs / max_steps)"
+        t0 = time.perf_counter()
+        if self.ema is not None and self.ema.updates > 0:
+            self.ema.copy_to(trainer.model)
+        last = trainer.history[-1] if len(trainer.history) else None
+        reuse = (last is not None and last.get("step") == trainer.global_step
+                 and last.get("eval_accuracy") is not None and self.ema is None)
+        final: Dict[str, Any] = {}
+        if self.final_eval and trainer.eval_data is not None:
+            if reuse:
+                final = {"loss": last.get("eval_loss"), "accuracy": last.get("eval_accuracy"),
+                         "reused_epoch_eval": True}
+            else:
+                if trainer.precise_bn:
+                    trainer._precise_bn()
+                final = trainer.evaluate()
+        self._final_measured = None
+        self.time_s["final"] = time.perf_counter() - t0
+        elapsed = self.clock.elapsed()
+        if final:
+            self.timeline.append({"t": elapsed, "epoch": trainer.epoch, "step": trainer.global_step,
+                                  "eval_accuracy": final.get("accuracy"),
+                                  "eval_loss": final.get("loss"), "final": True})
+        running = trainer.running_metrics() if trainer._acc_count else {}
+        n = getattr(trainer.train_data, "num_samples", None)
+        samples = trainer.samples_seen * trainer.world_size
+        self.result = {
+            "budget_s": self.clock.seconds,
+            "elapsed_s": elapsed,
+            "left_s": self.clock.seconds - elapsed,
+            "within_budget": elapsed <= self.clock.seconds,
+            "stop_reason": self.stop_reason,
+            "knobs": list(self.knobs),
+            "selector": self.selector.describe(),
+            "steps": trainer.global_step,
+            "epochs_completed": trainer.epoch,
+            "samples": samples,
+            "epochs": samples / n if isinstance(n, int) and n else None,
+            "step_time_s": self.step_time(),
+            "train_s": (elapsed - (self.train_start or 0.0) - self.time_s["final"]),
+            "time_s": dict(self.time_s),
+            "predicted_final_s": self._synced.get("final"),
+            "final_eval": final,
+            "final_accuracy": final.get("accuracy") if final else None,
+            "train_loss_running": running.get("loss"),
+        }
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"spent": self.clock.elapsed(), "seconds": self.clock.seconds,
+                "train_start": self.train_start, "cycles": list(self._cycles),
+                "first_cycle": self._first_cycle, "eval_probe": self._eval_probe,
+                "epoch_end_measured": self._epoch_end_measured,
+                "boundary_extra": self._boundary_extra, "timeline": list(self.timeline),
+                "lr_trace": list(self.lr_trace), "time_s": dict(self.time_s),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "selector": self.selector.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.clock.resume_after(state["spent"])
+        self.train_start = state["train_start"]
+        self._cycles = deque(state["cycles"], maxlen=24)
+        self._first_cycle = state["first_cycle"]
+        self._eval_probe = state["eval_probe"]
+        self._epoch_end_measured = state["epoch_end_measured"]
+        self._boundary_extra = state["boundary_extra"]
+        self.timeline = list(state["timeline"])
+        self.lr_trace = list(state["lr_trace"])
+        self.time_s = dict(state["time_s"])
+        if state.get("ema") is not None:
+            if self.ema is None:
+                self.ema = WeightEMA.__new__(WeightEMA)
+            self.ema.load_state_dict(state["ema"])
+        self.selector.load_state_dict(state.get("selector") or {})
+
+    def __repr__(self) -> str:
+        return (f"Budgeted({format_duration(self.clock.seconds)}, knobs={self.knobs}, "
+                f"selector={self.selector.name})")

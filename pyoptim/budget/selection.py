@@ -1,0 +1,196 @@
+"""Sample selection: which samples of a batch get a backward pass.
+
+Every selector sees the batch the loader gave (the *pool*) and returns the samples to train on,
+with per-sample loss weights or ``None``:
+
+* :class:`UniformSelection` — the batch as it is (the baseline every selector must beat at equal
+  time).
+* :class:`SelectiveBackprop` (Jiang et al., 2019) — a forward pass without gradients scores the
+  pool; the highest-loss ``fraction`` is trained on.
+* :class:`ImportanceSampling` (loss-based, after Katharopoulos & Fleuret, ICML 2018) — ``k``
+  samples drawn with replacement with probability ``p_i`` proportional to their loss (mixed with
+  a uniform share so no ``p_i`` is tiny), each weighted by ``1 / (n p_i)``: the weighted mean
+  gradient is an unbiased estimate of the pool's mean gradient.
+
+The scoring forward runs in train mode (the statistics the model trains with) with every
+BatchNorm's momentum set to 0, so the running statistics are not updated twice; its cost is part
+of the step and so of the budget.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Selector", "UniformSelection", "SelectiveBackprop", "ImportanceSampling",
+           "select_highest_loss", "importance_probabilities", "importance_sample",
+           "make_selector"]
+
+
+def select_highest_loss(losses: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest per-sample losses (in decreasing order of loss)."""
+    if losses.dim() != 1:
+        raise ValueError(f"select_highest_loss: losses must be 1-D, got shape {tuple(losses.shape)}")
+    if not 1 <= k <= losses.numel():
+        raise ValueError(f"select_highest_loss: k={k} outside [1, {losses.numel()}]")
+    return torch.topk(losses.detach(), k, sorted=True).indices
+
+
+def importance_probabilities(losses: Tensor, smoothing: float = 0.2) -> Tensor:
+    """``p_i = (1 - smoothing) * l_i / sum(l) + smoothing / n`` (float64): proportional to the loss,
+    with a uniform share ``smoothing`` that bounds the weights ``1 / (n p_i) <= 1 / smoothing``.
+    All-zero losses give the uniform distribution."""
+    if losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(f"importance_probabilities: losses must be 1-D and non-empty, got shape "
+                         f"{tuple(losses.shape)}")
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"importance_probabilities: smoothing must be in [0, 1], got {smoothing}")
+    l = losses.detach().to(torch.float64).clamp_min(0)
+    n = l.numel()
+    total = l.sum()
+    if not bool(torch.isfinite(total)):
+        raise ValueError("importance_probabilities: the losses are not finite")
+    if float(total) <= 0.0:
+        return torch.full_like(l, 1.0 / n)
+    p = (1.0 - smoothing) * l / total + smoothing / n
+    return p / p.sum()
+
+
+def importance_sample(losses: Tensor, k: int, smoothing: float = 0.2,
+                      generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    """Draws ``k`` indices with replacement from :func:`importance_probabilities` and returns
+    ``(indices, weights)`` with ``weights = 1 / (n p_i)``: ``mean_j(w_j grad l_{i_j})`` has
+    expectation ``mean_i(grad l_i)``. Indices and weights are on the CPU."""
+    if k < 1:
+        raise ValueError(f"importance_sample: k must be >= 1, got {k}")
+    p = importance_probabilities(losses.detach().cpu(), smoothing)
+    idx = torch.multinomial(p, k, replacement=True, generator=generator)
+    weights = 1.0 / (p.numel() * p[idx])
+    return idx, weights
+
+
+class _FrozenBatchNormStats:
+    """Inside: every BatchNorm's running statistics stay as they are (momentum 0)."""
+
+    def __init__(self, model: nn.Module):
+        self.bns = [m for m in model.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def __enter__(self):
+        self.saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        for m, momentum, count in self.saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+        return False
+
+
+class Selector:
+    """Base class: picks the samples of a pool to train on. ``fraction`` is the share of the pool
+    that gets a backward pass (the loader's batch is the pool)."""
+
+    name = "uniform"
+    fraction = 1.0
+    needs_scores = False      # scores the pool with a forward pass
+    weighted = False          # hands out per-sample loss weights
+
+    def pick(self, losses: Tensor, step: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(indices into the pool, per-sample loss weights or None)`` from the pool's losses."""
+        raise NotImplementedError
+
+    def num_selected(self, n: int) -> int:
+        return max(1, min(n, int(math.ceil(self.fraction * n - 1e-9))))
+
+    @torch.no_grad()
+    def score(self, forward: Callable, model: nn.Module, x: Tensor, y: Tensor,
+              per_sample_loss: Callable, autocast) -> Tensor:
+        """Per-sample losses of the pool: a forward pass without gradients in train mode, BN
+        running statistics untouched."""
+        with _FrozenBatchNormStats(model), autocast():
+            out = forward(x)
+            losses = per_sample_loss(out, y)
+        if not isinstance(losses, Tensor) or losses.shape != (x.shape[0],):
+            raise ValueError(f"{self.name}: per_sample_loss must return one loss per sample "
+                             f"(shape [{x.shape[0]}]), got "
+                             f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}")
+        return losses.float()
+
+    def describe(self) -> str:
+        return self.name
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+class UniformSelection(Selector):
+    """Every sample of the batch, unweighted (the baseline)."""
+
+    name = "uniform"
+
+    def pick(self, losses, step):
+        return torch.arange(losses.numel()), None
+
+
+class SelectiveBackprop(Selector):
+    """Backpropagate the ``fraction`` of the pool with the highest loss (Jiang et al., 2019,
+    deterministic top-k variant)."""
+
+    name = "selective"
+    needs_scores = True
+
+    def __init__(self, fraction: float = 0.5):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"SelectiveBackprop: fraction must be in (0, 1], got {fraction}")
+        self.fraction = float(fraction)
+
+    def pick(self, losses, step):
+        return select_highest_loss(losses, self.num_selected(losses.numel())), None
+
+    def describe(self) -> str:
+        return f"selective backprop (highest-loss {self.fraction:g} of each batch)"
+
+
+class ImportanceSampling(Selector):
+    """Loss-proportional sampling with replacement of ``fraction`` x the pool, unbiased by the
+    weights ``1 / (n p_i)`` (see :func:`importance_sample`). ``seed`` fixes the draws (the
+    generator is seeded from ``(seed, step)``, so a resumed run draws the same)."""
+
+    name = "importance"
+    needs_scores = True
+    weighted = True
+
+    def __init__(self, fraction: float = 0.5, smoothing: float = 0.2, seed: int = 0):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"ImportanceSampling: fraction must be in (0, 1], got {fraction}")
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"ImportanceSampling: smoothing must be in [0, 1], got {smoothing}")
+        self.fraction, self.smoothing, self.seed = float(fraction), float(smoothing), int(seed)
+
+    def pick(self, losses, step):
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2 ** 63))
+        return importance_sample(losses, self.num_selected(losses.numel()), self.smoothing, g)
+
+    def describe(self) -> str:
+        return (f"importance sampling ({self.fraction:g} of each batch drawn by loss, "
+                f"smoothing {self.smoothing:g}, unbiased weights)")
+
+
+def make_selector(name: str, fraction: float = 0.5, seed: int = 0) -> Selector:
+    """``"uniform"``, ``"selective"`` (or ``"selective-backprop"``) or ``"importance"``."""
+    key = name.lower().replace("_", "-")
+    if key == "uniform":
+        return UniformSelection()
+    if key in ("selective", "selective-backprop"):
+        return SelectiveBackprop(fraction)
+    if key in ("importance", "importance-sampling"):
+        return ImportanceSampling(fraction, seed=seed)
+    raise ValueError(f"unknown sample selector {name!r} (uniform, selective, importance)")

@@ -5,6 +5,8 @@
 #   make cuda-check  compile every csrc/cuda/*.cu with nvcc (compile only; no GPU needed)
 #   make bench       the kernel benchmark scripts, results in bench/results/
 #   make bench-prunetrain  dense vs PruneTrain on Fashion-MNIST (about 45 min on 2 CPU cores)
+#   make bench-budget      budgeted training on Fashion-MNIST, every knob at 1/2..1/20 of the full
+#                          run's time (about 40 min on 2 CPU cores)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,7 +22,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?= --model resnet20 --data fashion-mnist --method prunetrain --epochs 4 --train-subset 20000 \
              --lpr 0.7 --threshold 0.05 --interval 1 --max-batch-size 512 --precise-bn 20 --out runs/demo
 
-.PHONY: demo test cuda-check bench bench-prunetrain install clean fashion-mnist
+.PHONY: demo test cuda-check bench bench-prunetrain bench-budget install clean fashion-mnist
 
 demo: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 $(VENV)/bin/pyoptim train $(DEMO_ARGS)
@@ -46,6 +48,9 @@ bench: $(VENV)/.built
 
 bench-prunetrain: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 $(PY) bench/bench_prunetrain.py
+
+bench-budget: $(VENV)/.built fashion-mnist
+	PYOPTIM_QUIET=1 $(PY) bench/bench_budget.py
 
 install: $(VENV)/.built
 

@@ -435,7 +435,7 @@ def draw_budget(report: Dict[str, Any], path: str) -> Optional[str]:
 
 
 def _knob_label(knobs: str) -> str:
-    return knobs.replace(",", "+") if knobs else "none"
+    return knobs.replace(",", "+") if knobs and knobs != "none" else "none"
 
 
 def draw_sweep(sweep: Dict[str, Any], path: str) -> Optional[str]:
@@ -493,13 +493,13 @@ def cmd_sweep(args) -> int:
     if not budgets:
         print("pyoptim sweep: --budgets is empty", file=sys.stderr)
         return 2
-    knob_sets = [",".join(_parse_knobs(k)) for k in (args.knobs or ["schedule"])]
+    knob_sets = [",".join(_parse_knobs(k)) or "none" for k in (args.knobs or ["schedule"])]
     os.makedirs(args.out, exist_ok=True)
     runs = []
     for ks in knob_sets:
         for sec in budgets:
             run = argparse.Namespace(**vars(args))
-            run.budget, run.knobs = sec, ks or "none"
+            run.budget, run.knobs = sec, ks
             run.out = os.path.join(args.out, f"{_knob_label(ks)}-{sec:g}s")
             print(f"--- budget {sec:g} s, knobs {_knob_label(ks)}", file=sys.stderr)
             try:

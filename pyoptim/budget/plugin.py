@@ -31,7 +31,7 @@ from torch import Tensor
 from ..train.plugin import Plugin
 from .clock import BudgetClock, format_duration
 from .schedule import WeightEMA, budget_lr_factor
-from .selection import Selector, UniformSelection, make_selector
+from .selection import Selector, UniformSelection, freeze_batchnorm_stats, make_selector
 
 __all__ = ["Budgeted", "KNOBS"]
 
@@ -193,6 +193,8 @@ class Budgeted(Plugin):
         self._final_measured: Optional[float] = None
         self._synced = {"elapsed": 0.0, "step": 0.0, "epoch_end": 0.0, "final": 0.0}
         self._weights: Optional[Tensor] = None
+        self._bn_frozen = None
+        self._fraction = 0.0                          # share of the training time spent
         self._orig_loss: Optional[Callable] = None
         self._warned_sched = False
         self._trainer_ref = None
@@ -231,7 +233,9 @@ class Budgeted(Plugin):
         return t
 
     def _safety(self, step: float, final: float) -> float:
-        return 0.25 * step + 0.05 * final + 0.01
+        # a quarter step for the step-time noise; 15% of the final phase, whose one evaluation
+        # was seen to take up to 40% longer than its probe predicted on a shared CPU
+        return 0.25 * step + 0.15 * final + 0.01
 
     def remaining(self) -> float:
         """Seconds left in the budget."""
@@ -256,16 +260,17 @@ class Budgeted(Plugin):
 
     @torch.no_grad()
     def _probe_eval(self, trainer) -> float:
-        """Predicted seconds of one evaluation of ``trainer.eval_data``: one batch's eval-mode
-        forward timed (after a warm-up batch when there are two), scaled to the set."""
+        """Predicted seconds of one evaluation of ``trainer.eval_data``: up to three batches'
+        eval-mode forwards timed, the quicker of the two after the first (warm-up) one, scaled to
+        the set."""
         data = trainer.eval_data
         sample = getattr(data, "sample_batches", None)
         batches = []
         if callable(sample):
-            batches = list(sample(2))
+            batches = list(sample(3))
         else:
             it = iter(data)
-            for _ in range(2):
+            for _ in range(3):
                 try:
                     batches.append(next(it))
                 except StopIteration:
@@ -289,7 +294,10 @@ class Budgeted(Plugin):
                 sizes.append(int(x.shape[0]))
         finally:
             model.train(was)
-        per_sample = (times[-1] / sizes[-1]) if len(times) > 1 else times[0] / sizes[0]
+        # the first batch warms up; of the others the quicker (a noisy machine slows single
+        # batches by 2x or more, which would predict an evaluation that cannot fit)
+        rates = [t / n for t, n in zip(times[1:], sizes[1:])] or [times[0] / sizes[0]]
+        per_sample = min(rates)
         n = getattr(data, "num_samples", None)
         if isinstance(n, int):
             n = -(-n // max(getattr(data, "world_size", 1) or 1, 1))
@@ -312,6 +320,9 @@ class Budgeted(Plugin):
         end = self.clock.seconds - s["final"] - self.reserve_s - self._safety(s["step"], s["final"])
         span = max(end - (self.train_start or 0.0), 1e-9)
         frac = (s["elapsed"] + 0.5 * s["step"] - (self.train_start or 0.0)) / span
+        # never backwards: a prediction that shrinks (a measured evaluation quicker than its
+        # probe) must not raise the LR again
+        frac = max(min(max(frac, 0.0), 1.0), self._fraction)
         factor = budget_lr_factor(frac, self.warmup)
         for g in trainer.optimizer.param_groups:
             peak = g.setdefault("initial_lr", g["lr"])
@@ -320,7 +331,7 @@ class Budgeted(Plugin):
                 g["lr"].fill_(value)
             else:
                 g["lr"] = value
-        self._fraction = min(max(frac, 0.0), 1.0)
+        self._fraction = frac
 
     def _share(self, trainer, values: Dict[str, float], flags: Sequence[float] = ()) -> List[float]:
         """All-reduce (max) the predictions and flags so every rank decides alike."""
@@ -367,7 +378,8 @@ class Budgeted(Plugin):
         self._last_end = time.perf_counter()
         self._share(trainer, {"elapsed": self.clock.elapsed(), "step": self.step_time(),
                               "epoch_end": self.epoch_end_time(trainer),
-                              "final": self.final_time(trainer)})
+                              "final": self.final_time(trainer), "train_start": self.train_start})
+        self.train_start = self._synced.pop("train_start")     # the same on every rank
         if self._synced["elapsed"] + self._synced["final"] + self.reserve_s >= self.clock.seconds:
             trainer.should_stop = True
             self.stop_reason = "budget spent before training"
@@ -383,16 +395,29 @@ class Budgeted(Plugin):
             raise TypeError(f"Budgeted: sample selection needs tensor batches, got "
                             f"{type(x).__name__}/{type(y).__name__}")
         t0 = time.perf_counter()
-        losses = self.selector.score(trainer.module_for_forward, trainer.model, x, y,
-                                     self._score_loss, trainer._autocast)
+        # the unwrapped model: no DDP buffer broadcast, no torch.compile recompilation for the
+        # pool's batch size (the scoring forward changes no state)
+        losses = self.selector.score(trainer.model, trainer.model, x, y, self._score_loss,
+                                     trainer._autocast, update_bn=True)
+        # the running statistics came from the whole pool; the selected (biased) samples'
+        # training forward must not move them
+        self._bn_frozen = freeze_batchnorm_stats(trainer.model).freeze()
         idx, weights = self.selector.pick(losses, step)
         idx = idx.to(x.device)
         self._weights = weights.to(x.device) if weights is not None else None
         self.time_s["select"] += time.perf_counter() - t0
         return x.index_select(0, idx), y.index_select(0, idx)
 
+    def after_backward(self, trainer, loss) -> None:
+        if self._bn_frozen is not None:
+            self._bn_frozen.release()
+            self._bn_frozen = None
+
     def on_step_end(self, trainer, step, metrics) -> None:
         self._weights = None
+        if self._bn_frozen is not None:       # another plug-in skipped after_backward
+            self._bn_frozen.release()
+            self._bn_frozen = None
         if self.ema is not None:
             t0 = time.perf_counter()
             self.ema.update(trainer.model)
@@ -520,7 +545,7 @@ class Budgeted(Plugin):
                 "train_start": self.train_start, "cycles": list(self._cycles),
                 "first_cycle": self._first_cycle, "eval_probe": self._eval_probe,
                 "epoch_end_measured": self._epoch_end_measured,
-                "boundary_extra": self._boundary_extra, "timeline": list(self.timeline),
+                "boundary_extra": self._boundary_extra, "fraction": self._fraction, "timeline": list(self.timeline),
                 "lr_trace": list(self.lr_trace), "time_s": dict(self.time_s),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "selector": self.selector.state_dict()}
@@ -533,6 +558,7 @@ class Budgeted(Plugin):
         self._eval_probe = state["eval_probe"]
         self._epoch_end_measured = state["epoch_end_measured"]
         self._boundary_extra = state["boundary_extra"]
+        self._fraction = state.get("fraction", 0.0)
         self.timeline = list(state["timeline"])
         self.lr_trace = list(state["lr_trace"])
         self.time_s = dict(state["time_s"])

@@ -1,0 +1,554 @@
+"""pyoptim.budget: the clock and its predicted stop, the budget-aware LR, weight averaging, the
+sample selectors (what they pick, unbiased importance weights), width probes, the planner, DDP
+and the command line."""
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyoptim import cli
+from pyoptim.budget import (BudgetClock, Budgeted, ImportanceSampling, SelectiveBackprop,
+                            WeightEMA, budget_lr_factor, choose_width, format_duration,
+                            importance_probabilities, importance_sample, parse_duration, plan,
+                            probe_widths, select_highest_loss)
+from pyoptim.budget.plugin import _WeightedLoss
+from pyoptim.budget.selection import freeze_batchnorm_stats
+from pyoptim.data import DeviceLoader, synthetic_dataset
+from pyoptim.models import resnet20
+from pyoptim.train import Plugin, Trainer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tolerance(budget: float) -> float:
+    """The issue's tolerance: within 2% of the budget, or 1 s, whichever is larger."""
+    return max(0.02 * budget, 1.0)
+
+
+def _loaders(n_train=1024, n_test=256, batch=32, image=12, classes=4):
+    xtr, ytr = synthetic_dataset("train", num_samples=n_train, num_classes=classes, image_size=image,
+                                 in_channels=1, seed=0)
+    xte, yte = synthetic_dataset("test", num_samples=n_test, num_classes=classes, image_size=image,
+                                 in_channels=1, seed=0)
+    train = DeviceLoader(xtr, ytr, batch, device="cpu", augment=True, crop_padding=1, seed=0)
+    test = DeviceLoader(xte, yte, 128, device="cpu", shuffle=False)
+    return train, test
+
+
+# --------------------------------------------------------------------------- durations, clock
+def test_parse_duration():
+    assert parse_duration("90s") == 90 and parse_duration("2m") == 120 and parse_duration(45) == 45
+    assert parse_duration("1m30s") == 90 and parse_duration("1.5h") == 5400
+    assert parse_duration("250ms") == pytest.approx(0.25) and parse_duration(" 10 ") == 10
+    for bad in ("abc", "-1", "0", "2x", "", "5s3q", "1.2.3", True, float("inf")):
+        with pytest.raises(ValueError, match="budget"):
+            parse_duration(bad)
+    assert format_duration(75.3) == "1m15s" and format_duration(9.5) == "9.5s"
+
+
+def test_clock_counts_from_its_start_and_resumes():
+    c = BudgetClock("2s", start=time.perf_counter() - 0.5)
+    assert 0.5 <= c.elapsed() < 1.0 and 1.0 < c.remaining() <= 1.5
+    c.resume_after(1.9)
+    assert c.remaining() <= 0.1
+
+
+# ------------------------------------------------------------------------------------ schedule
+def test_budget_lr_factor_warms_up_then_decays_to_zero():
+    assert budget_lr_factor(0.0, 0.1) == 0.0
+    assert budget_lr_factor(0.05, 0.1) == pytest.approx(0.5)
+    assert budget_lr_factor(0.1, 0.1) == pytest.approx(1.0)
+    assert budget_lr_factor(0.55, 0.1) == pytest.approx(0.5)
+    assert budget_lr_factor(1.0, 0.1) == 0.0 and budget_lr_factor(1.3, 0.1) == 0.0
+    assert budget_lr_factor(0.0, 0.0) == 1.0 and budget_lr_factor(0.25, 0.0) == pytest.approx(0.75)
+    xs = [i / 100 for i in range(10, 101)]
+    vals = [budget_lr_factor(x, 0.1) for x in xs]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    with pytest.raises(ValueError, match="warmup"):
+        budget_lr_factor(0.5, 1.0)
+
+
+def test_weight_ema_matches_the_formula_and_copies_buffers():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = WeightEMA(m, decay=0.9)
+    ref = {k: v.clone() for k, v in m.state_dict().items() if v.is_floating_point()}
+    for t in range(5):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+            m[1].running_mean.add_(torch.rand(4))
+        d = min(0.9, (1 + t) / (10 + t))
+        for k, v in m.state_dict().items():
+            if v.is_floating_point():
+                ref[k] = d * ref[k] + (1 - d) * v
+        ema.update(m)
+    m2 = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    m2[1].num_batches_tracked.fill_(7)
+    ema.copy_to(m2)
+    for k, v in m2.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, ref[k], rtol=1e-6, atol=1e-6)
+    assert int(m2[1].num_batches_tracked) == 7
+    with pytest.raises(RuntimeError, match="reset"):
+        ema.update(nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5)))
+
+
+# ----------------------------------------------------------------------------------- selectors
+def test_select_highest_loss_and_selective_backprop_pick_the_top():
+    g = torch.Generator().manual_seed(1)
+    losses = torch.rand(37, generator=g)
+    idx = select_highest_loss(losses, 9)
+    assert set(idx.tolist()) == set(torch.argsort(losses, descending=True)[:9].tolist())
+    sel = SelectiveBackprop(0.25)
+    picked, w = sel.pick(losses, step=0)
+    assert w is None and picked.numel() == math.ceil(0.25 * 37)
+    assert losses[picked].min() >= losses.sort(descending=True).values[picked.numel() - 1]
+    with pytest.raises(ValueError, match="k="):
+        select_highest_loss(losses, 0)
+    with pytest.raises(ValueError, match="fraction"):
+        SelectiveBackprop(0.0)
+
+
+def test_scoring_forward_can_leave_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    m(torch.randn(2, 1, 6, 6))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    losses = SelectiveBackprop(0.5).score(m, m, x, y, lambda o, t: F.cross_entropy(o, t, reduction="none"),
+                                          lambda: torch.autocast("cpu", enabled=False), update_bn=False)
+    assert losses.shape == (8,) and m.training
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with freeze_batchnorm_stats(m):
+        assert m[1].momentum == 0.0
+    assert m[1].momentum == 0.1
+
+
+def test_selectors_take_batchnorm_statistics_from_the_whole_pool():
+    """The selected samples are biased (hardest; importance sampling repeats some): the running
+    statistics after a step are those of one train-mode forward over the whole pool, and the
+    training forward on the selection does not move them."""
+    for knob in ("selective", "importance"):
+        torch.manual_seed(0)
+        train, _ = _loaders(n_train=64, batch=16, image=6)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        expected = {}
+
+        class Expect(Plugin):
+            def before_step(self, trainer, step, x, y):
+                import copy
+                twin = copy.deepcopy(model)
+                with torch.no_grad():
+                    twin(x)
+                expected["mean"] = twin[1].running_mean.clone()
+                expected["var"] = twin[1].running_var.clone()
+                expected["count"] = int(twin[1].num_batches_tracked)
+        b = Budgeted(60, knobs=(knob,), final_eval=False)
+        t = Trainer(model, opt, train, plugins=[Expect(), b], max_steps=1, progress=False, log_every=0)
+        t.fit()
+        torch.testing.assert_close(model[1].running_mean, expected["mean"])
+        torch.testing.assert_close(model[1].running_var, expected["var"])
+        assert int(model[1].num_batches_tracked) == expected["count"] == 1
+        assert model[1].momentum == 0.1
+
+
+class _Spy(Plugin):
+    """Records the batch every step sees at its position in the plug-in list."""
+
+    def __init__(self):
+        self.batches = []
+
+    def before_step(self, trainer, step, x, y):
+        self.batches.append((x.clone(), y.clone()))
+
+
+def test_selective_backprop_trains_on_the_highest_loss_samples():
+    """Inside the trainer: the batch after the selector is the top half of the pool by the loss
+    of the model as it is before the step (a model without BN, so scoring is exact)."""
+    torch.manual_seed(0)
+    train, _ = _loaders(n_train=256, batch=32, image=6)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before, after = _Spy(), _Spy()
+    expected = []
+
+    class Oracle(Plugin):
+        def before_step(self, trainer, step, x, y):
+            with torch.no_grad():
+                losses = F.cross_entropy(model(x), y, reduction="none")
+            expected.append(set(torch.topk(losses, 16).indices.tolist()))
+
+    b = Budgeted(60, knobs=("selective",), final_eval=False)
+    t = Trainer(model, opt, train, plugins=[before, Oracle(), b, after], max_steps=6, progress=False,
+                log_every=0)
+    t.fit()
+    assert len(after.batches) == 6
+    for (xp, yp), (xs, ys), top in zip(before.batches, after.batches, expected):
+        assert xs.shape[0] == 16
+        rows = {i for i in range(xp.shape[0]) for j in range(xs.shape[0]) if torch.equal(xp[i], xs[j])}
+        assert rows == top
+
+
+def test_importance_probabilities_and_weight_bound():
+    losses = torch.tensor([0.0, 1.0, 3.0, 0.5], dtype=torch.float64)
+    p = importance_probabilities(losses, smoothing=0.2)
+    expected = 0.8 * losses / losses.sum() + 0.2 / 4
+    torch.testing.assert_close(p, expected)
+    assert float((1.0 / (4 * p)).max()) <= 1 / 0.2 + 1e-12
+    torch.testing.assert_close(importance_probabilities(torch.zeros(5)), torch.full((5,), 0.2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="finite"):
+        importance_probabilities(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="1-D"):
+        importance_probabilities(torch.ones(2, 2))
+
+
+def test_importance_weights_make_the_gradient_unbiased():
+    """Known answer: for a linear softmax model, the expectation over the sampler of the weighted
+    loss's gradient (one draw, enumerated exactly with its probability) equals the gradient of the
+    pool's mean loss; many draws of k samples average to it as well."""
+    torch.manual_seed(3)
+    n, d, c = 12, 5, 3
+    x = torch.randn(n, d, dtype=torch.float64)
+    y = torch.randint(0, c, (n,))
+    lin = nn.Linear(d, c).double()
+    per_sample = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+
+    def grad_of(loss):
+        lin.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in lin.parameters()]).clone()
+
+    full = grad_of(per_sample(lin(x), y).mean())
+    with torch.no_grad():
+        losses = per_sample(lin(x), y)
+    p = importance_probabilities(losses, smoothing=0.3)
+
+    class Holder:
+        _weights = None
+    holder = Holder()
+    wl = _WeightedLoss(per_sample, holder)
+    expectation = torch.zeros_like(full)
+    for i in range(n):
+        holder._weights = torch.tensor([1.0 / (n * p[i])], dtype=torch.float64)
+        expectation += p[i] * grad_of(wl(lin(x[i:i + 1]), y[i:i + 1]))
+    torch.testing.assert_close(expectation, full, rtol=1e-10, atol=1e-12)
+    # Monte Carlo with the sampler itself: k = 4 draws, 4000 times
+    per = torch.stack([grad_of(per_sample(lin(x[i:i + 1]), y[i:i + 1]).sum()) for i in range(n)])
+    g = torch.Generator().manual_seed(0)
+    est = []
+    for _ in range(4000):
+        idx, w = importance_sample(losses, 4, smoothing=0.3, generator=g)
+        est.append((w.unsqueeze(1) * per[idx]).mean(0))
+    est = torch.stack(est)
+    se = est.std(0) / math.sqrt(est.shape[0])
+    assert bool(((est.mean(0) - full).abs() <= 4 * se + 1e-9).all())
+    # the uniform estimate would not need weights; the loss-proportional one does: without the
+    # weights the mean is biased towards the high-loss samples
+    biased = (per * p.unsqueeze(1)).sum(0)
+    assert (biased - full).abs().max() > 10 * se.max()
+
+
+def test_importance_sampling_in_the_trainer_uses_weights_and_restores_the_loss():
+    torch.manual_seed(0)
+    train, _ = _loaders(n_train=128, batch=16, image=6)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    spy = _Spy()
+    seen = []
+
+    class LossSpy(Plugin):
+        def after_backward(self, trainer, loss):
+            seen.append((type(trainer.loss_fn).__name__, b._weights is not None))
+    b = Budgeted(60, knobs=("importance",), final_eval=False, select_fraction=0.5)
+    t = Trainer(model, opt, train, plugins=[b, spy, LossSpy()], max_steps=3, progress=False, log_every=0)
+    t.fit()
+    assert all(s[0] == "_WeightedLoss" and s[1] for s in seen) and len(seen) == 3
+    assert all(x.shape[0] == 8 for x, _ in spy.batches)
+    assert t.loss_fn is F.cross_entropy
+
+
+# ------------------------------------------------------------------------------ the budget run
+def _budget_run(seconds, knobs=("schedule",), width=0.25, **kw):
+    clock = BudgetClock(seconds)             # before the data and the model: they are counted
+    torch.manual_seed(0)
+    train, test = _loaders(n_train=2048, n_test=512, batch=32, image=12)
+    model = resnet20(num_classes=4, in_channels=1, width=width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    b = Budgeted(knobs=knobs, clock=clock, **kw)
+    t = Trainer(model, opt, train, eval_data=test, plugins=[b], max_epochs=None, progress=False,
+                log_every=0)
+    t.fit()
+    return b, t, clock.elapsed()
+
+
+@pytest.mark.parametrize("seconds", [5, 15, 60])
+def test_run_ends_within_the_budget_tolerance(seconds):
+    b, t, end = _budget_run(seconds)
+    assert seconds - tolerance(seconds) <= end <= seconds, (end, b.result)
+    assert b.result["stop_reason"] == "budget" and b.result["within_budget"]
+    assert b.result["final_accuracy"] is not None and b.timeline[-1].get("final")
+    # the budget-aware LR: peak after the warm-up, reaching zero when the training time runs out
+    lrs = [lr for _, lr in b.lr_trace]
+    peak = max(lrs)
+    assert peak == pytest.approx(0.1, rel=0.05)
+    assert lrs[-1] <= 0.02 * peak
+    i = lrs.index(peak)
+    assert all(a <= b_ + 1e-12 for a, b_ in zip(lrs[:i], lrs[1:i + 1]))        # warm-up rises
+    assert all(a >= b_ - 1e-12 for a, b_ in zip(lrs[i:], lrs[i + 1:]))         # then falls
+    # keyed to time: halfway through the training time the LR is about half its peak
+    t0, t1 = b.lr_trace[0][0], b.lr_trace[-1][0]
+    mid = min(b.lr_trace, key=lambda p: abs(p[0] - (t0 + t1) / 2))
+    assert mid[1] / peak == pytest.approx(0.5, abs=0.12)
+
+
+def test_naive_cut_off_leaves_the_learning_rate_to_the_recipe_and_ema_is_the_final_model():
+    b, t, end = _budget_run(6, knobs=())
+    assert end <= 6 and {lr for _, lr in b.lr_trace} == {0.1}
+    b2, t2, end2 = _budget_run(6, knobs=("schedule", "ema"))
+    assert end2 <= 6 and b2.ema is not None and b2.ema.updates == t2.global_step
+    for (name, p), s in zip(t2.model.named_parameters(), b2.ema.shadow):
+        assert torch.equal(p.detach(), s), name
+
+
+def test_epoch_evaluations_that_do_not_fit_are_skipped_and_the_stop_is_reported():
+    b, t, end = _budget_run(8, knobs=("schedule",), epoch_eval=False)
+    assert end <= 8 and all("eval_accuracy" not in r for r in t.history)
+    assert len(b.timeline) == 1 and b.timeline[0]["final"]
+    # a budget already spent before training: no step, still an answer
+    clock = BudgetClock(0.3)
+    time.sleep(0.35)
+    train, test = _loaders(n_train=64, n_test=32)
+    model = resnet20(num_classes=4, in_channels=1, width=0.25)
+    bb = Budgeted(clock=clock, final_eval=False)
+    tt = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train, plugins=[bb], max_epochs=None,
+                 progress=False, log_every=0)
+    tt.fit()
+    assert tt.global_step == 0 and bb.result["stop_reason"] == "budget spent before training"
+
+
+def test_trainer_skip_epoch_eval_skips_one_epoch_end():
+    train, test = _loaders(n_train=64, n_test=32, batch=32)
+    model = resnet20(num_classes=4, in_channels=1, width=0.25)
+
+    class Skip(Plugin):
+        def on_step_end(self, trainer, step, metrics):
+            if trainer.epoch == 0:
+                trainer.skip_epoch_eval = True
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train, eval_data=test, plugins=[Skip()],
+                max_epochs=2, progress=False, log_every=0)
+    h = t.fit()
+    assert "eval_accuracy" not in h[0] and h[1]["eval_accuracy"] is not None
+
+
+def test_bad_arguments_name_what_is_wrong():
+    with pytest.raises(ValueError, match="unknown knob 'fast'"):
+        Budgeted(10, knobs=("fast",))
+    with pytest.raises(ValueError, match="two sample selectors"):
+        Budgeted(10, knobs=("selective", "importance"))
+    with pytest.raises(ValueError, match="choose_width"):
+        Budgeted(10, knobs=("width",))
+    with pytest.raises(ValueError, match="seconds"):
+        Budgeted()
+    with pytest.raises(ValueError, match="warmup"):
+        Budgeted(10, warmup=1.0)
+    with pytest.raises(ValueError, match="differs"):
+        Budgeted(10, clock=BudgetClock(20))
+    with pytest.raises(TypeError, match="knob"):
+        Budgeted(10, knobs=(3,))
+    b = Budgeted(10, knobs=(ImportanceSampling(0.25),))
+    assert b.selector.fraction == 0.25 and b.knobs == ("importance",)
+
+
+def test_state_dict_carries_the_spent_time():
+    b = Budgeted(100, knobs=("schedule",))
+    b.clock.resume_after(30.0)
+    b.timeline.append({"t": 1.0})
+    c = Budgeted(100, knobs=("schedule",))
+    c.load_state_dict(b.state_dict())
+    assert 30.0 <= c.clock.elapsed() < 31.0 and c.timeline == [{"t": 1.0}]
+
+
+# ------------------------------------------------------------------------------- width, planner
+class _Slow(nn.Module):
+    """A model whose step takes about ``width * 20 ms`` (a sleep in the forward)."""
+    calls = []
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+        self.lin = nn.Linear(36, 4)
+        _Slow.calls.append(width)
+
+    def forward(self, x):
+        time.sleep(0.02 * self.width)
+        return self.lin(x.flatten(1))
+
+
+def test_choose_width_takes_the_widest_that_makes_min_epochs_and_probes_no_wider():
+    train, _ = _loaders(n_train=320, batch=32, image=6)
+    _Slow.calls = []
+    # 32 samples per ~20*w ms -> ~1600/w samples/s; ~0.9 s x 0.85 left -> ~3.8/w epochs of 320
+    wc = choose_width(_Slow, train, seconds=1.0, widths=(0.25, 0.5, 1.0, 2.0), min_epochs=5.0, steps=2)
+    # 0.25 -> ~15, 0.5 -> ~7.6, 1 -> ~3.8 (< 5): stop there, 2 is never built
+    assert wc.width == 0.5, wc.reason
+    assert sorted(set(_Slow.calls)) == [0.25, 0.5, 1.0]
+    assert "not probed: 2" in wc.reason and [r["width"] for r in wc.probes] == [0.25, 0.5, 1.0]
+    wc2 = choose_width(_Slow, train, seconds=0.05, widths=(0.5, 1.0), min_epochs=5.0, steps=1)
+    assert wc2.width == 0.5 and "no width" in wc2.reason
+
+
+def test_width_probes_scale_parameters_as_width_squared():
+    train, _ = _loaders(n_train=64, batch=16, image=8)
+    rows = probe_widths(lambda w: resnet20(num_classes=4, in_channels=1, width=w), train, (0.5, 1.0), steps=1)
+    small, full = rows[0]["params"], rows[1]["params"]
+    assert small / full == pytest.approx(0.25, rel=0.05)
+    with pytest.raises(ValueError, match="positive"):
+        probe_widths(lambda w: resnet20(num_classes=4, in_channels=1, width=w), train, (0.0,))
+
+
+def test_plan_explains_every_knob_and_builds_the_plug_in():
+    train, _ = _loaders(n_train=320, batch=32, image=6)
+    roomy = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, select_min_epochs=3.0, steps=1)
+    assert roomy.width == 0.5 and "selective" in roomy.knobs and roomy.batch_size == 64
+    assert set(roomy.reasons) == {"model", "data", "schedule", "averaging"}
+    text = roomy.explain()
+    assert "model:" in text and "selective backprop" in text
+    b = roomy.budgeted()
+    assert b.knobs == ("schedule", "selective") and b.clock.seconds == 20.0
+    tight = plan(_Slow, train, 0.05, widths=(0.25, 0.5), min_epochs=2.0, steps=1)
+    assert tight.width == 0.25 and tight.knobs == ("schedule",) and "uniform" in tight.reasons["data"]
+
+
+# --------------------------------------------------------------------------------------- DDP
+DDP_BUDGET_SCRIPT = r'''
+import datetime, faulthandler, os, sys, time
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+OUT = sys.argv[1]
+
+
+def worker(rank, world):
+    faulthandler.dump_traceback_later(120, exit=True)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(OUT, "rendezvous"),
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    from pyoptim.budget import Budgeted, BudgetClock
+    from pyoptim.data import DeviceLoader
+    from pyoptim.models import resnet20
+    from pyoptim.train import Plugin, Trainer
+    clock = BudgetClock(6)
+
+    class Slower(Plugin):               # rank 1 is a bit slower: the ranks' clocks disagree
+        def before_step(self, trainer, step, x, y):
+            if rank == 1:
+                time.sleep(0.002 * (step % 3))
+    data = DeviceLoader.from_dataset("synthetic", "train", batch_size=32,
+                                     dataset_kwargs=dict(num_samples=256, num_classes=4, image_size=8,
+                                                         in_channels=1, seed=0))
+    test = DeviceLoader.from_dataset("synthetic", "test", batch_size=64,
+                                     dataset_kwargs=dict(num_samples=128, num_classes=4, image_size=8,
+                                                         in_channels=1, seed=0))
+    torch.manual_seed(0)
+    model = resnet20(num_classes=4, in_channels=1, width=0.25)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    b = Budgeted(knobs=("schedule", "selective"), clock=clock)
+    t = Trainer(model, opt, data, eval_data=test, plugins=[Slower(), b], max_epochs=None,
+                progress=False, log_every=0)
+    t.fit()
+    torch.save({"steps": t.global_step, "lrs": [lr for _, lr in b.lr_trace], "end": clock.elapsed(),
+                "params": {k: v.clone() for k, v in t.model.state_dict().items()},
+                "acc": b.result["final_accuracy"]}, os.path.join(OUT, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import pyoptim.train, torch._dynamo  # noqa: F401   import once, then fork
+    mp.start_processes(worker, args=(2,), nprocs=2, join=True, start_method="fork")
+'''
+
+
+def test_ddp_ranks_stop_at_the_same_step_with_the_same_learning_rates(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    script = tmp_path / "ddp_budget.py"
+    script.write_text(DDP_BUDGET_SCRIPT)
+    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail("the DDP workers timed out:\n" + out[-3000:] + err[-3000:])
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] > 5
+    assert r0["lrs"] == r1["lrs"]
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    assert r0["acc"] == r1["acc"]
+    assert r0["end"] <= 6 and r1["end"] <= 6
+
+
+# ---------------------------------------------------------------------------------- command line
+def _cli_args(tmp_path, *extra):
+    return ["--model", "resnet20", "--width", "0.25", "--data", "synthetic", "--synthetic-samples", "512",
+            "--batch-size", "32", "--log-every", "0", *extra]
+
+
+def test_cli_train_with_a_budget_writes_the_report_and_picture(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", *_cli_args(tmp_path), "--budget", "8s", "--knobs", "schedule,selective",
+                   "--out", str(out)])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    b = rep["budget"]
+    assert rep["config"]["method"] == "dense" and b["budget_s"] == 8
+    assert b["end_s"] <= 8 and b["knobs"] == ["schedule", "selective"]
+    assert rep["final"]["test_accuracy"] is not None and rep["timeline"][-1]["final"]
+    assert rep["lr_trace"] and (out / "report.png").stat().st_size > 0
+    # trained batch stays --batch-size: the loader's pool is twice as large
+    assert rep["history"] == [] or rep["history"][0]["batch_size"] == 64
+    assert cli.main(["report", str(out)]) == 0
+    assert "budget" in capsys.readouterr().out
+
+
+def test_cli_sweep_draws_accuracy_against_budget(tmp_path):
+    out = tmp_path / "sweep"
+    rc = cli.main(["sweep", *_cli_args(tmp_path), "--budgets", "4s,6s", "--knobs", "none", "--knobs", "schedule",
+                   "--no-epoch-eval", "--out", str(out)])
+    assert rc == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [(r["knobs"], r["budget_s"]) for r in sweep["runs"]] == [("none", 4), ("none", 6), ("schedule", 4), ("schedule", 6)]
+    assert all(r["end_s"] <= r["budget_s"] for r in sweep["runs"])
+    assert (out / "sweep.png").stat().st_size > 0
+    assert cli.main(["report", str(out)]) == 0
+
+
+def test_cli_rejects_bad_budgets_and_knobs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *_cli_args(tmp_path), "--budget", "soon"])
+    assert e.value.code == 2 and "soon" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown knob 'turbo'"):
+        cli.main(["train", *_cli_args(tmp_path), "--budget", "5s", "--knobs", "turbo", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--budget"):
+        cli.main(["train", "--model", "resnet20", "--width", "auto", "--data", "synthetic",
+                  "--out", str(tmp_path / "y")])
+    assert cli.main(["sweep", *_cli_args(tmp_path), "--budgets", "5q", "--out", str(tmp_path / "z")]) == 2

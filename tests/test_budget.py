@@ -373,6 +373,23 @@ def test_bad_arguments_name_what_is_wrong():
     assert b.selector.fraction == 0.25 and b.knobs == ("importance",)
 
 
+def test_final_prediction_follows_a_machine_that_slows_down():
+    """The final evaluation was timed while steps took 0.1 s; when they take 0.3 s the machine is
+    3x slower and so will the evaluation be (never predicted faster than timed)."""
+    class FakeTrainer:
+        eval_data = object()
+        precise_bn = 0
+    b = Budgeted(100)
+    b._eval_probe = 2.0
+    b._cycles.extend([0.1] * 5)
+    b._probe_ref = b._median_step()
+    assert b.final_time(FakeTrainer) == pytest.approx(2.0)
+    b._cycles.extend([0.3] * 8)
+    assert b.final_time(FakeTrainer) == pytest.approx(6.0)
+    b._cycles.extend([0.05] * 8)
+    assert b.final_time(FakeTrainer) == pytest.approx(2.0)
+
+
 def test_state_dict_carries_the_spent_time():
     b = Budgeted(100, knobs=("schedule",))
     b.clock.resume_after(30.0)

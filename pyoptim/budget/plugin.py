@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..train.plugin import Plugin
-from .clock import BudgetClock, format_duration
+from .clock import BudgetClock, format_duration, parse_duration
+from .clock import synchronize as _sync
 from .schedule import WeightEMA, budget_lr_factor
 from .selection import Selector, UniformSelection, freeze_batchnorm_stats, make_selector
 
@@ -41,15 +42,6 @@ KNOBS = ("schedule", "ema", "uniform", "selective", "importance")
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type not in ("cpu", "meta"):
-        acc = getattr(torch, "accelerator", None)
-        if acc is not None and hasattr(acc, "synchronize"):
-            acc.synchronize(device)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -128,7 +120,7 @@ class Budgeted(Plugin):
             if seconds is None:
                 raise ValueError("Budgeted: give seconds (the budget) or clock")
             clock = BudgetClock(seconds)
-        elif seconds is not None and abs(BudgetClock(seconds, 0.0).seconds - clock.seconds) > 1e-9:
+        elif seconds is not None and abs(parse_duration(seconds) - clock.seconds) > 1e-9:
             raise ValueError(f"Budgeted: seconds={seconds!r} differs from the clock's budget "
                              f"{clock.seconds} s")
         self.clock = clock
@@ -189,6 +181,8 @@ class Budgeted(Plugin):
         self._last_end: Optional[float] = None
         self._eval_probe: Optional[float] = None     # predicted seconds of one full evaluation
         self._epoch_end_measured: Optional[float] = None
+        self._probe_ref: Optional[float] = None       # median step time when the probe ran
+        self._epoch_end_ref: Optional[float] = None   # ... when the last epoch end was timed
         self._boundary_extra = 0.0
         self._final_measured: Optional[float] = None
         self._synced = {"elapsed": 0.0, "step": 0.0, "epoch_end": 0.0, "final": 0.0}
@@ -227,10 +221,22 @@ class Budgeted(Plugin):
         t = 0.0
         if self.final_eval and trainer.eval_data is not None:
             if self._epoch_end_measured is not None and self.epoch_eval:
-                t = self._epoch_end_measured
+                t = self._epoch_end_measured * self._drift(self._epoch_end_ref)
             else:
-                t = (self._eval_probe or 0.0) + self._precise_bn_time(trainer)
+                t = (self._eval_probe or 0.0) * self._drift(self._probe_ref) + self._precise_bn_time(trainer)
         return t
+
+    def _median_step(self) -> Optional[float]:
+        return _quantile(list(self._cycles)[-8:], 0.5) if len(self._cycles) >= 3 else None
+
+    def _drift(self, ref: Optional[float]) -> float:
+        """How much slower the machine runs now than when an evaluation was timed: the median of
+        the last steps over the median of the steps around that time (at least 1). A shared
+        machine that slows down slows the final evaluation as much as the steps."""
+        now = self._median_step()
+        if ref is None or now is None or ref <= 0:
+            return 1.0
+        return max(1.0, now / ref)
 
     def _safety(self, step: float, final: float) -> float:
         # a quarter step for the step-time noise; 15% of the final phase, whose one evaluation
@@ -434,6 +440,10 @@ class Budgeted(Plugin):
                 self.time_s["epoch_end"] += max(cycle - self.step_time(), 0.0)
         else:
             self._cycles.append(cycle)
+            if self._probe_ref is None and len(self._cycles) >= 5:
+                self._probe_ref = self._median_step()       # the machine's speed near the probe
+            if self._epoch_end_ref is None and self._epoch_end_measured is not None:
+                self._epoch_end_ref = self._median_step()
         self._boundary = False
         self._last_end = now
         elapsed = self.clock.elapsed()
@@ -465,6 +475,7 @@ class Budgeted(Plugin):
         evaluated = "eval_accuracy" in metrics or "eval_loss" in metrics
         if evaluated:
             self._epoch_end_measured = now - self._last_end
+            self._epoch_end_ref = self._median_step()
         self.time_s["epoch_end"] += now - self._last_end
         self._last_end = now            # the rest of the boundary is measured at the next step
         self._boundary = True
@@ -483,6 +494,7 @@ class Budgeted(Plugin):
         # a reconfigured model runs at another speed; the weight average restarts
         self._cycles.clear()
         self._boundary = True
+        self._probe_ref = self._epoch_end_ref = None     # speeds of the old model
         if self.ema is not None:
             self.ema.reset(trainer.model)
 

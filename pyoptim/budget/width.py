@@ -16,15 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clock import BudgetClock, format_duration
+from .clock import synchronize as _sync
 
 __all__ = ["WidthChoice", "probe_widths", "choose_width", "DEFAULT_WIDTHS"]
 
 DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _probe_batches(data, n: int) -> List[Any]:

@@ -121,12 +121,7 @@ def run_training(args, progress: bool = True) -> Dict[str, Any]:
     plugins: List[Any] = []
     if clock is not None:
         from .budget import Budgeted
-        try:                                   # imported now, so drawing at the end is quick
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot  # noqa: F401
-        except ImportError:
-            pass
+        _pyplot()                              # imported now, so drawing at the end is quick
         if "schedule" in knobs:
             sched = None                      # the budget-aware schedule sets the LR
         budget_plugin = Budgeted(knobs=knobs, clock=clock, warmup=args.warmup,
@@ -347,14 +342,22 @@ def cmd_train(args) -> int:
     return 0
 
 
-def draw(report: Dict[str, Any], path: str) -> Optional[str]:
-    """Accuracy and training FLOPs per epoch, channels per layer over time."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a message) when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("pyoptim: matplotlib is not installed: no picture (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def draw(report: Dict[str, Any], path: str) -> Optional[str]:
+    """Accuracy and training FLOPs per epoch, channels per layer over time."""
+    plt = _pyplot()
+    if plt is None:
         return None
     hist = report["history"]
     epochs = [r["epoch"] + 1 for r in hist]
@@ -393,12 +396,8 @@ def draw(report: Dict[str, Any], path: str) -> Optional[str]:
 def draw_budget(report: Dict[str, Any], path: str) -> Optional[str]:
     """A budgeted run: test accuracy against seconds (each evaluation; the final one marked) and
     the learning rate against seconds, with the budget drawn."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("pyoptim: matplotlib is not installed: no picture (pip install matplotlib)", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return None
     b = report["budget"]
     cfg = report["config"]
@@ -441,12 +440,8 @@ def _knob_label(knobs: str) -> str:
 def draw_sweep(sweep: Dict[str, Any], path: str) -> Optional[str]:
     """Accuracy against budget (one line per knob set, log-scale seconds) and, beside it, the
     accuracy-against-seconds curve of every run."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("pyoptim: matplotlib is not installed: no picture (pip install matplotlib)", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return None
     runs = sweep["runs"]
     sets = list(dict.fromkeys(r["knobs"] for r in runs))

@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("PYOPTIM_QUIET", "1")
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._triton import has_triton_package  # noqa: E402
@@ -13,6 +17,17 @@ from torch.utils._triton import has_triton_package  # noqa: E402
 import pyoptim  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny models: more threads only add synchronisation (and,
+    on a loaded machine, OpenMP spin-waits that make a step 100x slower). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -49,3 +64,31 @@ def make_rng(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def _run_ddp_script(script_text: str, tmp_path, args=(), timeout: float = 240):
+    """Writes ``script_text`` to ``tmp_path`` and runs it (it starts the gloo worker processes
+    itself) with one intra-op thread, in its own session, killed with its workers on timeout.
+    Fails the test with the script's output when it fails. Returns the per-rank results the
+    workers saved as ``rank{r}.pt`` in ``tmp_path``."""
+    script = tmp_path / "ddp_script.py"
+    script.write_text(script_text)
+    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")   # one thread: safe to fork
+    proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)             # the script and its workers
+        out, err = proc.communicate()
+        pytest.fail("the DDP workers timed out:\n" + out[-3000:] + err[-3000:])
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.fixture
+def run_ddp_script():
+    """``run_ddp_script(script_text, tmp_path, args=(), timeout=240) -> [rank0, rank1]``: runs a
+    script that starts two gloo workers (see :func:`_run_ddp_script`)."""
+    return _run_ddp_script

@@ -3,7 +3,6 @@ sample selectors (what they pick, unbiased importance weights), width probes, th
 and the command line."""
 import json
 import math
-import os
 import time
 
 import pytest
@@ -23,12 +22,7 @@ from pyoptim.models import resnet20
 from pyoptim.train import Plugin, Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tolerance(budget: float) -> float:
@@ -498,24 +492,8 @@ if __name__ == "__main__":
 '''
 
 
-def test_ddp_ranks_stop_at_the_same_step_with_the_same_learning_rates(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    script = tmp_path / "ddp_budget.py"
-    script.write_text(DDP_BUDGET_SCRIPT)
-    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail("the DDP workers timed out:\n" + out[-3000:] + err[-3000:])
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+def test_ddp_ranks_stop_at_the_same_step_with_the_same_learning_rates(tmp_path, run_ddp_script):
+    r0, r1 = run_ddp_script(DDP_BUDGET_SCRIPT, tmp_path, [tmp_path])
     assert r0["steps"] == r1["steps"] > 5
     assert r0["lrs"] == r1["lrs"]
     for k in r0["params"]:

@@ -4,17 +4,11 @@ import json
 import os
 
 import pytest
-import torch
 
 from pyoptim import cli
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_and_report(tmp_path, capsys):

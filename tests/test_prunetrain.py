@@ -1,6 +1,7 @@
 """The PruneTrain plug-in: LPR lambda, a reconfiguration mid-training keeps the function, the batch
 grows with the LR by the same ratio, training continues on the smaller model."""
 import copy
+import os
 
 import pytest
 import torch
@@ -13,12 +14,7 @@ from pyoptim.prune import PruneTrain
 from pyoptim.train import Plugin, Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(batch=16, interval=1, threshold=0.0, **kw):
@@ -209,25 +205,8 @@ if __name__ == "__main__":
 '''
 
 
-def test_ddp_two_gloo_processes_agree_on_the_keep_sets(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    script = tmp_path / "ddp_prune.py"
-    script.write_text(DDP_PRUNE_SCRIPT)
-    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(script), os.path.abspath(__file__), str(tmp_path)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail("the DDP workers timed out:\n" + out[-3000:] + err[-3000:])
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+def test_ddp_two_gloo_processes_agree_on_the_keep_sets(tmp_path, run_ddp_script):
+    r0, r1 = run_ddp_script(DDP_PRUNE_SCRIPT, tmp_path, [os.path.abspath(__file__), tmp_path])
     assert r0["lam"] == r1["lam"] and r0["lam"] > 0
     assert r0["events"] == r1["events"] and len(r0["events"]) == 3
     assert list(r0["params"]) == list(r1["params"])

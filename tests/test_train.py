@@ -2,9 +2,6 @@
 replacement, checkpoints with exact resume (a pruned GraphModule included) and 2-process DDP."""
 import math
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,14 +12,7 @@ import pyoptim.train as T
 from pyoptim.train import Plugin, Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation (and, on a loaded
-    machine, OpenMP spin-waits that make a step 100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,21 +685,8 @@ if __name__ == "__main__":
 '''
 
 
-def test_ddp_two_gloo_processes(tmp_path):
-    script = tmp_path / "ddp_worker.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")   # one thread: safe to fork
-    proc = subprocess.Popen([sys.executable, str(script), os.path.abspath(__file__), str(tmp_path)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)             # the script and its workers
-        out, err = proc.communicate()
-        pytest.fail("the DDP workers timed out:\n" + out[-3000:] + err[-3000:])
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+def test_ddp_two_gloo_processes(tmp_path, run_ddp_script):
+    r0, r1 = run_ddp_script(DDP_SCRIPT, tmp_path, [os.path.abspath(__file__), tmp_path], timeout=150)
     # identical parameters on both ranks, gradients already averaged in after_backward
     assert list(r0["params"]) == list(r1["params"])
     for k in r0["params"]:

@@ -184,14 +184,12 @@ class Budgeted(Plugin):
         self._probe_ref: Optional[float] = None       # median step time when the probe ran
         self._epoch_end_ref: Optional[float] = None   # ... when the last epoch end was timed
         self._boundary_extra = 0.0
-        self._final_measured: Optional[float] = None
         self._synced = {"elapsed": 0.0, "step": 0.0, "epoch_end": 0.0, "final": 0.0}
         self._weights: Optional[Tensor] = None
         self._bn_frozen = None
         self._fraction = 0.0                          # share of the training time spent
         self._orig_loss: Optional[Callable] = None
         self._warned_sched = False
-        self._trainer_ref = None
 
     # ------------------------------------------------------------------------------ predictions
     def step_time(self) -> float:
@@ -216,8 +214,6 @@ class Budgeted(Plugin):
 
     def final_time(self, trainer) -> float:
         """Predicted seconds of the final phase (average swap, BN recalibration, evaluation)."""
-        if self._final_measured is not None:
-            return self._final_measured
         t = 0.0
         if self.final_eval and trainer.eval_data is not None:
             if self._epoch_end_measured is not None and self.epoch_eval:
@@ -354,7 +350,6 @@ class Budgeted(Plugin):
 
     # ---------------------------------------------------------------------------------- hooks
     def on_fit_start(self, trainer) -> None:
-        self._trainer_ref = trainer
         now = self.clock.elapsed()
         if self.train_start is None:
             self.train_start = now
@@ -520,7 +515,6 @@ class Budgeted(Plugin):
                 if trainer.precise_bn:
                     trainer._precise_bn()
                 final = trainer.evaluate()
-        self._final_measured = None
         self.time_s["final"] = time.perf_counter() - t0
         elapsed = self.clock.elapsed()
         if final:

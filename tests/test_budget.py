@@ -395,7 +395,8 @@ def test_state_dict_carries_the_spent_time():
 
 # ------------------------------------------------------------------------------- width, planner
 class _Slow(nn.Module):
-    """A model whose step takes about ``width * 20 ms`` (a sleep in the forward)."""
+    """A model whose step takes about ``width * 100 ms`` (a sleep in the forward: long enough that
+    the real compute and a loaded machine's overheads hardly change the ratios)."""
     calls = []
 
     def __init__(self, width):
@@ -405,16 +406,17 @@ class _Slow(nn.Module):
         _Slow.calls.append(width)
 
     def forward(self, x):
-        time.sleep(0.02 * self.width)
+        time.sleep(0.1 * self.width)
         return self.lin(x.flatten(1))
 
 
 def test_choose_width_takes_the_widest_that_makes_min_epochs_and_probes_no_wider():
     train, _ = _loaders(n_train=320, batch=32, image=6)
     _Slow.calls = []
-    # 32 samples per ~20*w ms -> ~1600/w samples/s; ~0.9 s x 0.85 left -> ~3.8/w epochs of 320
-    wc = choose_width(_Slow, train, seconds=1.0, widths=(0.25, 0.5, 1.0, 2.0), min_epochs=5.0, steps=2)
-    # 0.25 -> ~15, 0.5 -> ~7.6, 1 -> ~3.8 (< 5): stop there, 2 is never built
+    # 32 samples per ~100*w ms -> ~320/w samples/s = 1/w epochs of 320 per second; probing 0.25,
+    # 0.5 and 1 costs ~0.53 s, leaving ~4.2 s x 0.85 = ~3.5 s of training: epochs ~3.5/w ->
+    # 0.25: ~14, 0.5: ~7, 1: ~3.5 (< 5): stop there, 2 is never built
+    wc = choose_width(_Slow, train, seconds=4.7, widths=(0.25, 0.5, 1.0, 2.0), min_epochs=5.0, steps=2)
     assert wc.width == 0.5, wc.reason
     assert sorted(set(_Slow.calls)) == [0.25, 0.5, 1.0]
     assert "not probed: 2" in wc.reason and [r["width"] for r in wc.probes] == [0.25, 0.5, 1.0]

@@ -13,6 +13,9 @@
    ``width``        width chosen by timed probes, naive schedule
    ``auto``         all together, as the planner (pyoptim.budget.plan) chooses them
 
+   and any combination joined by ``+`` (``schedule+selective``: a selector with the budget-aware
+   LR, against ``schedule`` alone = uniform batches at equal time).
+
    Every budgeted run evaluates only at its end (``--no-epoch-eval``): epoch-end evaluations
    cost budget.
 
@@ -23,6 +26,7 @@ of the full run; every knob beats the naive cut-off at every budget. Writes
 
     python bench/bench_budget.py [--model resnet18] [--full-epochs 2] [--fractions 2,5,10,20]
         [--configs none,schedule,selective,importance,width,auto] [--device cpu|cuda]
+        [--train-subset N] [--tag NAME] [--full-seconds S --full-accuracy A]
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import utils as bu  # noqa: E402
 from pyoptim import cli  # noqa: E402
 
 CONFIGS = ("none", "schedule", "selective", "importance", "width", "auto")
+KNOB_NAMES = CONFIGS + ("ema", "uniform")
 
 
 def _argv(a, out: str) -> list:
@@ -70,7 +75,7 @@ def full_run(a, runs_dir: str) -> dict:
 
 def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
     out = os.path.join(runs_dir, f"{knobs}-{seconds:.0f}s")
-    argv = _argv(a, out) + ["--budget", f"{seconds:.3f}", "--knobs", knobs, "--no-epoch-eval",
+    argv = _argv(a, out) + ["--budget", f"{seconds:.3f}", "--knobs", knobs.replace("+", ","), "--no-epoch-eval",
                             "--min-epochs", str(a.min_epochs)]
     print(f"--- {knobs} in {seconds:.1f} s", file=sys.stderr)
     rep = cli.run_training(cli.build_parser().parse_args(argv), progress=not a.quiet)
@@ -137,6 +142,10 @@ def main() -> None:
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--redraw", default=None, metavar="JSON")
+    ap.add_argument("--tag", default="", help="results file budget_<model>_<tag>_<device>.json")
+    ap.add_argument("--merge", default=None, metavar="JSON",
+                    help="rerun --configs at --fractions against that result's full run and write the "
+                         "merged table back to it (the replaced runs are kept under 'superseded')")
     a = ap.parse_args()
     if a.redraw:
         with open(a.redraw) as f:
@@ -144,12 +153,22 @@ def main() -> None:
         return
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     for c in configs:
-        if c not in CONFIGS:
-            raise SystemExit(f"bench_budget: unknown config {c!r} (choose from {', '.join(CONFIGS)})")
+        if any(k not in KNOB_NAMES for k in c.split("+")):
+            raise SystemExit(f"bench_budget: unknown config {c!r} (knob sets from {', '.join(KNOB_NAMES)}, "
+                             f"joined by '+')")
     fractions = [float(f) for f in a.fractions.split(",")]
     device = torch.device(a.device)
     runs_dir = a.runs_dir or tempfile.mkdtemp(prefix="bench_budget_")
-    if a.full_seconds:
+    prev = None
+    if a.merge:
+        with open(a.merge) as f:
+            prev = json.load(f)
+        for k in ("model", "data", "train_subset", "batch_size", "lr", "weight_decay", "device", "seed"):
+            if prev["config"].get(k) != getattr(a, k):
+                raise SystemExit(f"bench_budget: --merge {a.merge}: its {k} is {prev['config'].get(k)!r}, "
+                                 f"this run's {getattr(a, k)!r}")
+        full = prev["full"]
+    elif a.full_seconds:
         full = {"seconds": a.full_seconds, "test_accuracy": a.full_accuracy, "given": True}
     else:
         full = full_run(a, runs_dir)
@@ -160,28 +179,60 @@ def main() -> None:
             r = runs[-1]
             print(f"\n    1/{f:g}: {c}: {100 * r['test_accuracy']:.2f}% (ended at {r['end_s']:.1f} of "
                   f"{r['budget_s']:.1f} s, {r['epochs']:.2f} epochs, width {r['width']})", file=sys.stderr)
+    env = bu.environment(device)
+    superseded = []
+    if prev is not None:
+        for r in runs:
+            r["rerun_at_commit"] = env.get("commit")
+        new = {(r["fraction"], r["knobs"]) for r in runs}
+        superseded = prev.get("superseded", []) + [r for r in prev["runs"] if (r["fraction"], r["knobs"]) in new]
+        order = {(f, c): i for i, (f, c) in enumerate((f, c) for f in prev["config"]["fractions"]
+                                                        for c in prev["config"]["configs"])}
+        runs = sorted([r for r in prev["runs"] if (r["fraction"], r["knobs"]) not in new] + runs,
+                      key=lambda r: order.get((r["fraction"], r["knobs"]), len(order)))
+        configs = prev["config"]["configs"] + [c for c in configs if c not in prev["config"]["configs"]]
+        fractions = prev["config"]["fractions"]
     acc = {(r["fraction"], r["knobs"]): r["test_accuracy"] for r in runs}
+    def complete(*cs):   # a comparison needs every budget of each config
+        return all((f, c) in acc for f in fractions for c in cs)
+
     beats = {}
     for c in configs:
-        if c != "none" and "none" in configs:
+        if c != "none" and "none" in configs and complete(c, "none"):
             beats[c] = all(acc[(f, c)] > acc[(f, "none")] for f in fractions)
-    best_at = {f: max(acc[(f, c)] for c in configs) for f in fractions}
+    best_at = {f: max(v for (ff, _), v in acc.items() if ff == f) for f in fractions}
     goals = {}
     if 20.0 in fractions:
         goals["best at 1/20 within 2 pt of the full run"] = best_at[20.0] >= full["test_accuracy"] - 0.02
     goals.update({f"{c} beats the naive cut-off at every budget": v for c, v in beats.items()})
+    for c in configs:   # a selector with the budget-aware LR against uniform batches with it
+        if c.startswith("schedule+") and "schedule" in configs and complete(c, "schedule"):
+            goals[f"{c} beats schedule (uniform batches) at every budget"] = all(
+                acc[(f, c)] > acc[(f, "schedule")] for f in fractions)
     goals["every run ended within its budget"] = all(r["within_budget"] for r in runs)
-    env = bu.environment(device)
-    result = {"benchmark": "budget", **env,
-              "config": dict({k: v for k, v in vars(a).items() if k not in ("runs_dir", "out_dir", "quiet", "redraw")},
-                             configs=configs, fractions=fractions),
+    config = dict({k: v for k, v in vars(a).items() if k not in ("runs_dir", "out_dir", "quiet", "redraw", "tag", "merge")},
+                  configs=configs, fractions=fractions)
+    if prev is not None:   # the table's set-up stays the first run's; the reruns are listed
+        config = dict(prev["config"], configs=configs, fractions=fractions,
+                      reruns=prev["config"].get("reruns", []) + [{"commit": env.get("commit"), "argv": sys.argv[1:]}])
+    result = {"benchmark": "budget", **env, "config": config,
               "full": full, "runs": runs, "best_at_fraction": best_at, "goals_met": goals}
-    path = bu.write_result(f"budget_{a.model}", device, result, a.out_dir)
+    if superseded:
+        result["superseded"] = superseded
+    if prev is not None:
+        path = a.merge
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    else:
+        path = bu.write_result(f"budget_{a.model}" + (f"_{a.tag}" if a.tag else ""), device, result, a.out_dir)
     png = draw(result, os.path.splitext(path)[0] + ".png")
     print(f"\n{a.model} on {a.data}: full run {100 * full['test_accuracy']:.2f}% in {full['seconds']:.0f} s ({env['device']})")
-    print("budget      " + "".join(f"{c:>12s}" for c in configs))
+    cols = [max(12, len(c) + 2) for c in configs]
+    print("budget      " + "".join(f"{c:>{w}s}" for c, w in zip(configs, cols)))
     for f in fractions:
-        print(f"1/{f:<4g}{full['seconds'] / f:6.0f}s" + "".join(f"{100 * acc[(f, c)]:11.2f}%" for c in configs))
+        print(f"1/{f:<4g}{full['seconds'] / f:6.0f}s"
+              + "".join(f"{100 * acc.get((f, c), float('nan')):{w - 1}.2f}%" for c, w in zip(configs, cols)))
     print(f"goals: {goals}")
     print(f"results: {path}\npicture: {png}")
 

@@ -307,7 +307,8 @@ def _budget_setup(args, clock, knobs, width, train, spec, device):
 
     if "auto" in knobs:
         p = plan(model_fn, train, clock=clock, batch_size=args.batch_size,
-                 min_epochs=args.min_epochs, select_fraction=args.select_fraction, warmup=args.warmup)
+                 min_epochs=args.min_epochs, min_params_per_sample=args.min_params_per_sample,
+                 select_fraction=args.select_fraction, warmup=args.warmup)
         info = p.as_dict()
         print(p.explain(), file=sys.stderr)
         knobs = [k for k in knobs if k not in ("auto", "width")] + [k for k in p.knobs if k not in knobs]
@@ -316,7 +317,8 @@ def _budget_setup(args, clock, knobs, width, train, spec, device):
             train.set_batch_size(p.batch_size)
         return width, knobs, info
     if "width" in knobs or width == "auto":
-        wc = choose_width(model_fn, train, clock=clock, min_epochs=args.min_epochs)
+        wc = choose_width(model_fn, train, clock=clock, min_epochs=args.min_epochs,
+                          min_params_per_sample=args.min_params_per_sample)
         info = {"width_choice": wc.as_dict()}
         print(f"width: {wc.reason}", file=sys.stderr)
         width = wc.width
@@ -628,6 +630,8 @@ def _add_budget_arguments(t) -> None:
     t.add_argument("--ema-decay", type=float, default=0.999, help="ema: decay of the weight average")
     t.add_argument("--min-epochs", type=float, default=2.0,
                    help="width/auto: the widest width making at least this many passes is chosen")
+    t.add_argument("--min-params-per-sample", type=float, default=1.0,
+                   help="width/auto: never a width with fewer parameters per training sample (0: off)")
     t.add_argument("--no-epoch-eval", action="store_true",
                    help="budgeted runs: evaluate only at the end (epoch-end evaluations cost budget)")
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from pyoptim import cli
 from pyoptim.budget import (BudgetClock, Budgeted, ImportanceSampling, SelectiveBackprop,
-                            WeightEMA, budget_lr_factor, choose_width, format_duration,
+                            WeightEMA, budget_lr_factor, choose_width, count_parameters, format_duration,
                             importance_probabilities, importance_sample, parse_duration, plan,
                             probe_widths, select_highest_loss)
 from pyoptim.budget.plugin import _WeightedLoss
@@ -330,7 +330,8 @@ def test_epoch_evaluations_that_do_not_fit_are_skipped_and_the_stop_is_reported(
     bb = Budgeted(clock=clock, final_eval=False)
     tt = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train, plugins=[bb], max_epochs=None,
                  progress=False, log_every=0)
-    tt.fit()
+    with pytest.warns(RuntimeWarning, match="no training step fits"):
+        tt.fit()
     assert tt.global_step == 0 and bb.result["stop_reason"] == "budget spent before training"
 
 
@@ -412,16 +413,48 @@ class _Slow(nn.Module):
 
 def test_choose_width_takes_the_widest_that_makes_min_epochs_and_probes_no_wider():
     train, _ = _loaders(n_train=320, batch=32, image=6)
+    probe_widths(_Slow, train, [0.01], steps=1)  # first-use costs (lazy imports, allocator) off the clock
     _Slow.calls = []
     # 32 samples per ~100*w ms -> ~320/w samples/s = 1/w epochs of 320 per second; probing 0.25,
     # 0.5 and 1 costs ~0.53 s, leaving ~4.2 s x 0.85 = ~3.5 s of training: epochs ~3.5/w ->
     # 0.25: ~14, 0.5: ~7, 1: ~3.5 (< 5): stop there, 2 is never built
-    wc = choose_width(_Slow, train, seconds=4.7, widths=(0.25, 0.5, 1.0, 2.0), min_epochs=5.0, steps=2)
+    wc = choose_width(_Slow, train, seconds=4.7, widths=(0.25, 0.5, 1.0, 2.0), min_epochs=5.0, steps=2,
+                      min_params_per_sample=0)
     assert wc.width == 0.5, wc.reason
     assert sorted(set(_Slow.calls)) == [0.25, 0.5, 1.0]
     assert "not probed: 2" in wc.reason and [r["width"] for r in wc.probes] == [0.25, 0.5, 1.0]
-    wc2 = choose_width(_Slow, train, seconds=0.05, widths=(0.5, 1.0), min_epochs=5.0, steps=1)
+    wc2 = choose_width(_Slow, train, seconds=0.05, widths=(0.5, 1.0), min_epochs=5.0, steps=1,
+                       min_params_per_sample=0)
     assert wc2.width == 0.5 and "no width" in wc2.reason
+
+
+def test_choose_width_never_goes_below_the_capacity_floor():
+    train, _ = _loaders(n_train=64, batch=16, image=8)
+    built = []
+
+    def model_fn(w):
+        built.append(w)
+        return resnet20(num_classes=4, in_channels=1, width=w)
+
+    p = {w: count_parameters(model_fn, w) for w in (0.25, 0.5, 1.0)}
+    assert 15_000 < p[0.25] < 20_000 and 60_000 < p[0.5] < 75_000 and p[1.0] > 250_000
+    built.clear()
+    # 60k samples at 1 parameter each: 0.25 (~17k) is out, 0.5 (~68k) is in; a budget that
+    # fits no pass takes the narrowest candidate, 0.5, not the faster but too small 0.25
+    wc = choose_width(model_fn, train, seconds=0.01, widths=(0.25, 0.5, 1.0), num_samples=60_000, steps=1)
+    assert wc.width == 0.5 and [r["width"] for r in wc.probes] == [0.5]
+    assert wc.min_params == 60_000 and wc.below_floor == [{"width": 0.25, "params": p[0.25]}]
+    assert "capacity floor" in wc.reason and "0.25 (" in wc.reason
+    assert wc.as_dict()["below_floor"][0]["width"] == 0.25
+    # the floor off: 0.25 is a candidate again, and the narrowest
+    wc0 = choose_width(model_fn, train, seconds=0.01, widths=(0.25, 0.5, 1.0), num_samples=60_000, steps=1,
+                       min_params_per_sample=0)
+    assert wc0.width == 0.25 and wc0.below_floor == []
+    # a floor no width clears still leaves the widest
+    wc_all = choose_width(model_fn, train, seconds=0.01, widths=(0.25, 0.5), num_samples=10**7, steps=1)
+    assert wc_all.width == 0.5 and [b["width"] for b in wc_all.below_floor] == [0.25]
+    with pytest.raises(ValueError, match="min_params_per_sample"):
+        choose_width(model_fn, train, seconds=1.0, min_params_per_sample=-1)
 
 
 def test_width_probes_scale_parameters_as_width_squared():
@@ -435,15 +468,21 @@ def test_width_probes_scale_parameters_as_width_squared():
 
 def test_plan_explains_every_knob_and_builds_the_plug_in():
     train, _ = _loaders(n_train=320, batch=32, image=6)
-    roomy = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, select_min_epochs=3.0, steps=1)
+    roomy = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, select_min_epochs=3.0, steps=1,
+                 min_params_per_sample=0)
     assert roomy.width == 0.5 and "selective" in roomy.knobs and roomy.batch_size == 64
     assert set(roomy.reasons) == {"model", "data", "schedule", "averaging"}
     text = roomy.explain()
     assert "model:" in text and "selective backprop" in text
     b = roomy.budgeted()
     assert b.knobs == ("schedule", "selective") and b.clock.seconds == 20.0
-    tight = plan(_Slow, train, 0.05, widths=(0.25, 0.5), min_epochs=2.0, steps=1)
+    tight = plan(_Slow, train, 0.05, widths=(0.25, 0.5), min_epochs=2.0, steps=1, min_params_per_sample=0,
+                 select_min_epochs=3.0)
     assert tight.width == 0.25 and tight.knobs == ("schedule",) and "uniform" in tight.reasons["data"]
+    # by default the planner never turns selection on, and says why
+    default = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, steps=1, min_params_per_sample=0)
+    assert default.knobs == ("schedule",) and default.batch_size == 32
+    assert "lost to uniform batches" in default.reasons["data"]
 
 
 # --------------------------------------------------------------------------------------- DDP

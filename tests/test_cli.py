@@ -87,3 +87,42 @@ def test_bench_prunetrain_smoke(tmp_path):
     assert res["ratios"]["train_flops_saving"] > 0 and res["prunetrain"]["events"]
     assert len(res["dense"]["test_accuracy_per_epoch"]) == 2
     assert (tmp_path / "prunetrain_cpu.png").stat().st_size > 10_000
+
+
+def test_bench_budget_smoke(tmp_path):
+    """bench/bench_budget.py end to end on a tiny synthetic set: the full run, budgeted runs of a
+    knob set joined by '+', the goals, the tagged JSON record and the picture (not a timing)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")
+    base = [sys.executable, os.path.join(root, "bench", "bench_budget.py"), "--model", "resnet20",
+            "--data", "synthetic", "--synthetic-samples", "256", "--train-subset", "128", "--full-epochs", "1",
+            "--batch-size", "32", "--fractions", "2", "--quiet", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(base + ["--configs", "none,schedule,schedule+selective", "--tag", "smoke",
+                                  "--runs-dir", str(tmp_path / "runs")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "budget_resnet20_smoke_cpu.json").read_text())
+    assert {"device", "torch", "triton", "commit", "full", "runs", "goals_met"} <= set(res)
+    assert [r["knobs"] for r in res["runs"]] == ["none", "schedule", "schedule+selective"]
+    combo = res["runs"][2]
+    assert combo["selector"].startswith("selective backprop") and "schedule" in combo["knobs_used"]
+    assert all(r["end_s"] <= r["budget_s"] + 1.0 for r in res["runs"])
+    assert "schedule+selective beats schedule (uniform batches) at every budget" in res["goals_met"]
+    assert (tmp_path / "budget_resnet20_smoke_cpu.png").stat().st_size > 10_000
+    # a rerun merged into that table: the schedule run replaced (the old one kept), the rest as it was
+    path = tmp_path / "budget_resnet20_smoke_cpu.json"
+    proc = subprocess.run(base + ["--configs", "schedule", "--merge", str(path), "--runs-dir", str(tmp_path / "re")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    merged = json.loads(path.read_text())
+    assert [r["knobs"] for r in merged["runs"]] == ["none", "schedule", "schedule+selective"]
+    assert merged["runs"][0] == res["runs"][0] and "rerun_at_commit" in merged["runs"][1]
+    assert merged["superseded"] == [res["runs"][1]] and merged["full"] == res["full"]
+    assert len(merged["config"]["reruns"]) == 1 and merged["config"]["configs"] == res["config"]["configs"]
+    other = subprocess.run(base + ["--configs", "none", "--lr", "0.2", "--merge", str(path)], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0 and "its lr is 0.1" in other.stderr
+    bad = subprocess.run(base + ["--configs", "schedule+fast"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown config 'schedule+fast'" in bad.stderr

@@ -20,13 +20,13 @@ from .schedule import WeightEMA, budget_lr_factor
 from .selection import (ImportanceSampling, SelectiveBackprop, Selector, UniformSelection,
                         importance_probabilities, importance_sample, make_selector,
                         select_highest_loss)
-from .width import DEFAULT_WIDTHS, WidthChoice, choose_width, probe_widths
+from .width import DEFAULT_WIDTHS, WidthChoice, choose_width, count_parameters, probe_widths
 
 __all__ = [
     "Budgeted", "KNOBS", "BudgetClock", "parse_duration", "format_duration",
     "budget_lr_factor", "WeightEMA",
     "Selector", "UniformSelection", "SelectiveBackprop", "ImportanceSampling", "make_selector",
     "select_highest_loss", "importance_probabilities", "importance_sample",
-    "probe_widths", "choose_width", "WidthChoice", "DEFAULT_WIDTHS",
+    "probe_widths", "choose_width", "count_parameters", "WidthChoice", "DEFAULT_WIDTHS",
     "plan", "Plan",
 ]

@@ -384,6 +384,12 @@ class Budgeted(Plugin):
         if self._synced["elapsed"] + self._synced["final"] + self.reserve_s >= self.clock.seconds:
             trainer.should_stop = True
             self.stop_reason = "budget spent before training"
+            warnings.warn(f"Budgeted: no training step fits in the {self.clock.seconds:.1f} s budget: "
+                          f"{self._synced['elapsed']:.1f} s are spent already (set-up, probes) and the "
+                          f"final phase is predicted at {self._synced['final']:.1f} s (+{self.reserve_s:.1f} s "
+                          f"reserve); the model stays untrained. Give more time, a narrower width "
+                          f"(knob 'width'), or skip the final evaluation (final_eval=False).",
+                          RuntimeWarning, stacklevel=2)
         if not self.epoch_eval:
             trainer.skip_epoch_eval = True
 

@@ -172,60 +172,78 @@ def main() -> None:
         full = {"seconds": a.full_seconds, "test_accuracy": a.full_accuracy, "given": True}
     else:
         full = full_run(a, runs_dir)
-    runs = []
+    env = bu.environment(device)
+    planned = [(f, c) for f in fractions for c in configs]
+
+    def record(fresh: list) -> tuple:
+        """The result so far (merged into --merge's table), written after every run: a
+        benchmark stopped half-way keeps what it measured (``pending`` lists the rest)."""
+        runs, cfgs, fracs, superseded = list(fresh), list(configs), list(fractions), []
+        if prev is not None:
+            for r in runs:
+                r["rerun_at_commit"] = env.get("commit")
+            new = {(r["fraction"], r["knobs"]) for r in runs}
+            superseded = prev.get("superseded", []) + [r for r in prev["runs"] if (r["fraction"], r["knobs"]) in new]
+            order = {(f, c): i for i, (f, c) in enumerate((f, c) for f in prev["config"]["fractions"]
+                                                            for c in prev["config"]["configs"])}
+            runs = sorted([r for r in prev["runs"] if (r["fraction"], r["knobs"]) not in new] + runs,
+                          key=lambda r: order.get((r["fraction"], r["knobs"]), len(order)))
+            cfgs = prev["config"]["configs"] + [c for c in cfgs if c not in prev["config"]["configs"]]
+            fracs = prev["config"]["fractions"]
+        acc = {(r["fraction"], r["knobs"]): r["test_accuracy"] for r in runs}
+
+        def complete(*cs):   # a comparison needs every budget of each config
+            return all((f, c) in acc for f in fracs for c in cs)
+
+        best_at = {f: max(v for (ff, _), v in acc.items() if ff == f) for f in fracs
+                   if any(ff == f for ff, _ in acc)}
+        goals = {}
+        if 20.0 in best_at:
+            goals["best at 1/20 within 2 pt of the full run"] = best_at[20.0] >= full["test_accuracy"] - 0.02
+        for c in cfgs:
+            if c != "none" and "none" in cfgs and complete(c, "none"):
+                goals[f"{c} beats the naive cut-off at every budget"] = all(
+                    acc[(f, c)] > acc[(f, "none")] for f in fracs)
+        for c in cfgs:   # a selector with the budget-aware LR against uniform batches with it
+            if c.startswith("schedule+") and "schedule" in cfgs and complete(c, "schedule"):
+                goals[f"{c} beats schedule (uniform batches) at every budget"] = all(
+                    acc[(f, c)] > acc[(f, "schedule")] for f in fracs)
+        goals["every run ended within its budget"] = all(r["within_budget"] for r in runs)
+        config = dict({k: v for k, v in vars(a).items()
+                       if k not in ("runs_dir", "out_dir", "quiet", "redraw", "tag", "merge")},
+                      configs=cfgs, fractions=fracs)
+        if prev is not None:   # the table's set-up stays the first run's; the reruns are listed
+            config = dict(prev["config"], configs=cfgs, fractions=fracs,
+                          reruns=prev["config"].get("reruns", []) + [{"commit": env.get("commit"),
+                                                                      "argv": sys.argv[1:]}])
+        result = {"benchmark": "budget", **env, "config": config,
+                  "full": full, "runs": runs, "best_at_fraction": best_at, "goals_met": goals}
+        if superseded:
+            result["superseded"] = superseded
+        done = {(r["fraction"], r["knobs"]) for r in fresh}
+        pending = [f"1/{f:g}:{c}" for f, c in planned if (f, c) not in done]
+        if pending:
+            result["pending"] = pending
+        if prev is not None:
+            path = a.merge
+            with open(path, "w") as fh:
+                json.dump(result, fh, indent=2)
+                fh.write("\n")
+        else:
+            path = bu.write_result(f"budget_{a.model}" + (f"_{a.tag}" if a.tag else ""), device, result, a.out_dir)
+        return path, result, acc, cfgs, fracs
+
+    fresh = []
+    record(fresh)
     for f in fractions:
         for c in configs:
-            runs.append(dict(budget_run(a, runs_dir, c, full["seconds"] / f), fraction=f))
-            r = runs[-1]
+            fresh.append(dict(budget_run(a, runs_dir, c, full["seconds"] / f), fraction=f))
+            r = fresh[-1]
             print(f"\n    1/{f:g}: {c}: {100 * r['test_accuracy']:.2f}% (ended at {r['end_s']:.1f} of "
                   f"{r['budget_s']:.1f} s, {r['epochs']:.2f} epochs, width {r['width']})", file=sys.stderr)
-    env = bu.environment(device)
-    superseded = []
-    if prev is not None:
-        for r in runs:
-            r["rerun_at_commit"] = env.get("commit")
-        new = {(r["fraction"], r["knobs"]) for r in runs}
-        superseded = prev.get("superseded", []) + [r for r in prev["runs"] if (r["fraction"], r["knobs"]) in new]
-        order = {(f, c): i for i, (f, c) in enumerate((f, c) for f in prev["config"]["fractions"]
-                                                        for c in prev["config"]["configs"])}
-        runs = sorted([r for r in prev["runs"] if (r["fraction"], r["knobs"]) not in new] + runs,
-                      key=lambda r: order.get((r["fraction"], r["knobs"]), len(order)))
-        configs = prev["config"]["configs"] + [c for c in configs if c not in prev["config"]["configs"]]
-        fractions = prev["config"]["fractions"]
-    acc = {(r["fraction"], r["knobs"]): r["test_accuracy"] for r in runs}
-    def complete(*cs):   # a comparison needs every budget of each config
-        return all((f, c) in acc for f in fractions for c in cs)
-
-    beats = {}
-    for c in configs:
-        if c != "none" and "none" in configs and complete(c, "none"):
-            beats[c] = all(acc[(f, c)] > acc[(f, "none")] for f in fractions)
-    best_at = {f: max(v for (ff, _), v in acc.items() if ff == f) for f in fractions}
-    goals = {}
-    if 20.0 in fractions:
-        goals["best at 1/20 within 2 pt of the full run"] = best_at[20.0] >= full["test_accuracy"] - 0.02
-    goals.update({f"{c} beats the naive cut-off at every budget": v for c, v in beats.items()})
-    for c in configs:   # a selector with the budget-aware LR against uniform batches with it
-        if c.startswith("schedule+") and "schedule" in configs and complete(c, "schedule"):
-            goals[f"{c} beats schedule (uniform batches) at every budget"] = all(
-                acc[(f, c)] > acc[(f, "schedule")] for f in fractions)
-    goals["every run ended within its budget"] = all(r["within_budget"] for r in runs)
-    config = dict({k: v for k, v in vars(a).items() if k not in ("runs_dir", "out_dir", "quiet", "redraw", "tag", "merge")},
-                  configs=configs, fractions=fractions)
-    if prev is not None:   # the table's set-up stays the first run's; the reruns are listed
-        config = dict(prev["config"], configs=configs, fractions=fractions,
-                      reruns=prev["config"].get("reruns", []) + [{"commit": env.get("commit"), "argv": sys.argv[1:]}])
-    result = {"benchmark": "budget", **env, "config": config,
-              "full": full, "runs": runs, "best_at_fraction": best_at, "goals_met": goals}
-    if superseded:
-        result["superseded"] = superseded
-    if prev is not None:
-        path = a.merge
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-    else:
-        path = bu.write_result(f"budget_{a.model}" + (f"_{a.tag}" if a.tag else ""), device, result, a.out_dir)
+            record(fresh)
+    path, result, acc, configs, fractions = record(fresh)
+    goals = result["goals_met"]
     png = draw(result, os.path.splitext(path)[0] + ".png")
     print(f"\n{a.model} on {a.data}: full run {100 * full['test_accuracy']:.2f}% in {full['seconds']:.0f} s ({env['device']})")
     cols = [max(12, len(c) + 2) for c in configs]

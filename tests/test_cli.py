@@ -106,6 +106,7 @@ def test_bench_budget_smoke(tmp_path):
     res = json.loads((tmp_path / "budget_resnet20_smoke_cpu.json").read_text())
     assert {"device", "torch", "triton", "commit", "full", "runs", "goals_met"} <= set(res)
     assert [r["knobs"] for r in res["runs"]] == ["none", "schedule", "schedule+selective"]
+    assert "pending" not in res          # written after every run; complete at the end
     combo = res["runs"][2]
     assert combo["selector"].startswith("selective backprop") and "schedule" in combo["knobs_used"]
     assert all(r["end_s"] <= r["budget_s"] + 1.0 for r in res["runs"])

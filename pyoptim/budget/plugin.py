@@ -236,8 +236,10 @@ class Budgeted(Plugin):
 
     def _safety(self, step: float, final: float) -> float:
         # a quarter step for the step-time noise; 15% of the final phase, whose one evaluation
-        # was seen to take up to 40% longer than its probe predicted on a shared CPU
-        return 0.25 * step + 0.15 * final + 0.01
+        # was seen to take up to 40% longer than its probe predicted on a shared CPU; a tenth of
+        # the tolerance (2% of the budget or 1 s, the larger) against a stall of the machine
+        # after the last decision (a 6 s run once ended 13 ms late without it)
+        return 0.25 * step + 0.15 * final + 0.1 * max(0.02 * self.clock.seconds, 1.0)
 
     def remaining(self) -> float:
         """Seconds left in the budget."""

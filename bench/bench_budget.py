@@ -8,7 +8,9 @@
 
    ``none``         the naive baseline: the full recipe cut off when the budget runs out
    ``schedule``     budget-aware LR (warm-up, linear decay to zero when the time runs out)
-   ``selective``    selective backprop (highest-loss half of each 2x batch), naive schedule
+   ``selective``    selective backprop, naive schedule: with ``--select-scores stale`` (the
+                    default) each epoch after the first trains on about half the data, kept by
+                    the last loss rank; with ``forward``, the highest-loss half of each 2x batch
    ``importance``   loss-based importance sampling with unbiasing weights, naive schedule
    ``width``        width chosen by timed probes, naive schedule
    ``auto``         all together, as the planner (pyoptim.budget.plan) chooses them
@@ -76,7 +78,7 @@ def full_run(a, runs_dir: str) -> dict:
 def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
     out = os.path.join(runs_dir, f"{knobs}-{seconds:.0f}s")
     argv = _argv(a, out) + ["--budget", f"{seconds:.3f}", "--knobs", knobs.replace("+", ","), "--no-epoch-eval",
-                            "--min-epochs", str(a.min_epochs)]
+                            "--min-epochs", str(a.min_epochs), "--select-scores", a.select_scores]
     print(f"--- {knobs} in {seconds:.1f} s", file=sys.stderr)
     rep = cli.run_training(cli.build_parser().parse_args(argv), progress=not a.quiet)
     b = rep["budget"]
@@ -84,7 +86,9 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
     return {"knobs": knobs, "budget_s": seconds, "test_accuracy": rep["final"]["test_accuracy"],
             "end_s": b["end_s"], "elapsed_s": b["elapsed_s"], "within_budget": b["end_s"] <= seconds,
             "steps": b["steps"], "epochs": b["epochs"], "width": rep["final"]["width"],
-            "selector": b["selector"], "knobs_used": b["knobs"], "stop_reason": b["stop_reason"],
+            "selector": b["selector"], "select_scores": b.get("select_scores"),
+            "selected_epochs": b.get("selected_epochs"),
+            "knobs_used": b["knobs"], "stop_reason": b["stop_reason"],
             "time_s": b["time_s"], "plan_reasons": plan.get("reasons"),
             "width_probes": (plan.get("width_choice") or {}).get("probes")}
 
@@ -136,6 +140,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--min-epochs", type=float, default=2.0)
+    ap.add_argument("--select-scores", choices=("stale", "forward"), default="stale",
+                    help="where the selectors get their losses (pyoptim train --select-scores)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs-dir", default=None)

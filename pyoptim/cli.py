@@ -126,7 +126,7 @@ def run_training(args, progress: bool = True) -> Dict[str, Any]:
             sched = None                      # the budget-aware schedule sets the LR
         budget_plugin = Budgeted(knobs=knobs, clock=clock, warmup=args.warmup,
                                  ema_decay=args.ema_decay, select_fraction=args.select_fraction,
-                                 epoch_eval=not args.no_epoch_eval, reserve_s=reserve_s,
+                                 select_scores=args.select_scores, epoch_eval=not args.no_epoch_eval, reserve_s=reserve_s,
                                  seed=args.seed)
         plugins.append(budget_plugin)
     prune = None
@@ -297,8 +297,9 @@ def _parse_knobs(text) -> List[str]:
 
 def _budget_setup(args, clock, knobs, width, train, spec, device):
     """Applies the model and data knobs before the model is built: ``auto`` runs the planner,
-    ``width`` (or ``--width auto``) the width probes; a selector makes the loader's batch the
-    pool (``--batch-size / --select-fraction``) so the trained batch stays ``--batch-size``."""
+    ``width`` (or ``--width auto``) the width probes; a selector scoring by a forward pass
+    (``--select-scores forward``) makes the loader's batch the pool (``--batch-size /
+    --select-fraction``) so the trained batch stays ``--batch-size``."""
     from .budget import choose_width, plan
     info = None
 
@@ -308,7 +309,8 @@ def _budget_setup(args, clock, knobs, width, train, spec, device):
     if "auto" in knobs:
         p = plan(model_fn, train, clock=clock, batch_size=args.batch_size,
                  min_epochs=args.min_epochs, min_params_per_sample=args.min_params_per_sample,
-                 select_fraction=args.select_fraction, warmup=args.warmup)
+                 select_fraction=args.select_fraction, select_scores=args.select_scores,
+                 warmup=args.warmup)
         info = p.as_dict()
         print(p.explain(), file=sys.stderr)
         knobs = [k for k in knobs if k not in ("auto", "width")] + [k for k in p.knobs if k not in knobs]
@@ -323,7 +325,7 @@ def _budget_setup(args, clock, knobs, width, train, spec, device):
         print(f"width: {wc.reason}", file=sys.stderr)
         width = wc.width
         knobs = [k for k in knobs if k != "width"]
-    if any(k in ("selective", "importance") for k in knobs):
+    if args.select_scores == "forward" and any(k in ("selective", "importance") for k in knobs):
         train.set_batch_size(max(1, int(round(args.batch_size / args.select_fraction))))
     return width, knobs, info
 
@@ -624,8 +626,13 @@ def _add_common_arguments(t) -> None:
 
 def _add_budget_arguments(t) -> None:
     t.add_argument("--select-fraction", type=float, default=0.5,
-                   help="selective/importance: share of each pool trained on (the pool is "
-                        "--batch-size / this, so the trained batch stays --batch-size)")
+                   help="selective/importance: share of the data trained on (stale: of each epoch "
+                        "from the second; forward: of each pool, which is --batch-size / this, so "
+                        "the trained batch stays --batch-size)")
+    t.add_argument("--select-scores", choices=("stale", "forward"), default="stale",
+                   help="selective/importance: losses kept from the training forwards (stale, no "
+                        "extra pass; selection from the second epoch) or a scoring forward over "
+                        "each pool (forward)")
     t.add_argument("--warmup", type=float, default=0.05, help="schedule: warm-up share of the training time")
     t.add_argument("--ema-decay", type=float, default=0.999, help="ema: decay of the weight average")
     t.add_argument("--min-epochs", type=float, default=2.0,

@@ -27,6 +27,7 @@ class Plan:
     batch_size: Optional[int]
     warmup: float
     width_choice: WidthChoice
+    select_scores: str = "stale"
     reasons: Dict[str, str] = field(default_factory=dict)
     probe_seconds: float = 0.0
 
@@ -36,6 +37,7 @@ class Plan:
         from .plugin import Budgeted
         kwargs.setdefault("warmup", self.warmup)
         kwargs.setdefault("select_fraction", self.select_fraction)
+        kwargs.setdefault("select_scores", self.select_scores)
         if clock is None:
             return Budgeted(self.seconds, self.knobs, **kwargs)
         return Budgeted(knobs=self.knobs, clock=clock, **kwargs)
@@ -50,7 +52,8 @@ class Plan:
 
     def as_dict(self) -> Dict[str, Any]:
         return {"seconds": self.seconds, "width": self.width, "knobs": list(self.knobs),
-                "select_fraction": self.select_fraction, "batch_size": self.batch_size,
+                "select_fraction": self.select_fraction, "select_scores": self.select_scores,
+                "batch_size": self.batch_size,
                 "warmup": self.warmup, "width_choice": self.width_choice.as_dict(),
                 "reasons": dict(self.reasons), "probe_seconds": self.probe_seconds}
 
@@ -59,7 +62,7 @@ def plan(model_fn: Callable[[float], nn.Module], data, seconds: Optional[float] 
          clock: Optional[BudgetClock] = None, widths: Sequence[float] = DEFAULT_WIDTHS,
          min_epochs: float = 2.0, min_params_per_sample: float = 1.0,
          select_min_epochs: Optional[float] = None, select_fraction: float = 0.5,
-         warmup: float = 0.05, batch_size: Optional[int] = None, steps: int = 3,
+         select_scores: str = "stale", warmup: float = 0.05, batch_size: Optional[int] = None, steps: int = 3,
          loss_fn: Callable = F.cross_entropy) -> Plan:
     """Chooses the knobs for training ``model_fn(width)`` on ``data`` (the training loader) in
     ``seconds`` (or the time left on ``clock``):
@@ -94,16 +97,26 @@ def plan(model_fn: Callable[[float], nn.Module], data, seconds: Optional[float] 
     reasons = {"model": wc.reason}
     knobs: List[str] = ["schedule"]
     pool = batch_size
+    if select_scores not in ("stale", "forward"):
+        raise ValueError(f"plan: select_scores must be 'stale' or 'forward', got {select_scores!r}")
     if select_min_epochs is not None and epochs >= select_min_epochs:
         knobs.append("selective")
-        if batch_size:
-            pool = int(round(batch_size / select_fraction))
-        # per pool sample: a forward (~1/3 of a step) for all, forward+backward for the fraction
-        speed = 1.0 / (1.0 / 3.0 + select_fraction)
-        reasons["data"] = (f"selective backprop on the highest-loss {select_fraction:g} of each batch of "
-                           f"{pool}: width {wc.width:g} makes {epochs:.1f} passes (>= {select_min_epochs:g}), "
-                           f"so most samples are learnt after the first ones; ~{speed:.1f}x the samples "
-                           f"per second of uniform batches, backward only on the hard ones")
+        if select_scores == "forward":
+            if batch_size:
+                pool = int(round(batch_size / select_fraction))
+            # per pool sample: a forward (~1/3 of a step) for all, forward+backward for the fraction
+            speed = 1.0 / (1.0 / 3.0 + select_fraction)
+            reasons["data"] = (f"selective backprop on the highest-loss {select_fraction:g} of each batch "
+                               f"of {pool}: width {wc.width:g} makes {epochs:.1f} passes (>= "
+                               f"{select_min_epochs:g}), so most samples are learnt after the first "
+                               f"ones; ~{speed:.1f}x the samples per second of uniform batches, backward "
+                               f"only on the hard ones")
+        else:
+            reasons["data"] = (f"selective backprop from stale losses: width {wc.width:g} makes "
+                               f"{epochs:.1f} passes (>= {select_min_epochs:g}); after the first pass "
+                               f"each epoch trains on about {select_fraction:g} of the data, kept with "
+                               f"a probability that grows with the sample's last loss rank (no extra "
+                               f"forward pass)")
     elif select_min_epochs is None:
         reasons["data"] = (f"uniform batches (width {wc.width:g} makes {epochs:.2f} passes): sample "
                            f"selection lost to uniform batches at equal time in every measured budget "
@@ -119,4 +132,4 @@ def plan(model_fn: Callable[[float], nn.Module], data, seconds: Optional[float] 
                             "a weight average over a short run lags behind the model")
     return Plan(seconds=clock.seconds, width=wc.width, knobs=tuple(knobs),
                 select_fraction=select_fraction, batch_size=pool, warmup=warmup,
-                width_choice=wc, reasons=reasons, probe_seconds=time.perf_counter() - t0)
+                width_choice=wc, select_scores=select_scores, reasons=reasons, probe_seconds=time.perf_counter() - t0)

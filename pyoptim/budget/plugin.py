@@ -32,12 +32,15 @@ from ..train.plugin import Plugin
 from .clock import BudgetClock, format_duration, parse_duration
 from .clock import synchronize as _sync
 from .schedule import WeightEMA, budget_lr_factor
-from .selection import Selector, UniformSelection, freeze_batchnorm_stats, make_selector
+from .selection import (SampleScores, Selector, UniformSelection, freeze_batchnorm_stats,
+                        make_selector)
 
 __all__ = ["Budgeted", "KNOBS"]
 
 #: knob names accepted by :class:`Budgeted`
 KNOBS = ("schedule", "ema", "uniform", "selective", "importance")
+#: where the sample selectors get their losses (see :mod:`pyoptim.budget.selection`)
+SELECT_SCORES = ("stale", "forward")
 
 
 def _dist_on() -> bool:
@@ -55,7 +58,8 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 
 class _WeightedLoss:
-    """The trainer's loss while a selector hands out per-sample weights: ``mean(w * l)``."""
+    """The trainer's loss while a selector is on: ``mean(w * l)`` with the selector's per-sample
+    weights (``mean(l)`` without), keeping the per-sample losses for the stale-loss scores."""
 
     def __init__(self, per_sample_loss: Callable, plugin: "Budgeted"):
         self.per_sample_loss = per_sample_loss
@@ -63,6 +67,8 @@ class _WeightedLoss:
 
     def __call__(self, out, y):
         losses = self.per_sample_loss(out, y)
+        if self.plugin._recording:
+            self.plugin._batch_losses = losses.detach()
         w = self.plugin._weights
         if w is None:
             return losses.mean()
@@ -82,7 +88,8 @@ class Budgeted(Plugin):
             ``"ema"`` (the final model is the exponential average of the weights,
             ``ema_decay``), and one sample selector: ``"uniform"`` (the batch as it is),
             ``"selective"`` (selective backprop), ``"importance"`` (loss-based importance
-            sampling) — or a :class:`~pyoptim.budget.Selector` object. ``()`` is the naive
+            sampling) — or a :class:`~pyoptim.budget.Selector` object; ``select_scores`` says
+            where their losses come from. ``()`` is the naive
             cut-off: the trainer's own recipe, stopped when the budget runs out. The model
             knob (width) is chosen before the model exists: :func:`pyoptim.budget.choose_width`
             or :func:`pyoptim.budget.plan`.
@@ -90,7 +97,13 @@ class Budgeted(Plugin):
             and probes); by default the clock starts now.
         warmup: share of the training time for the LR warm-up (``"schedule"``).
         ema_decay: decay of the weight average (``"ema"``).
-        select_fraction: share of each batch that a selector trains on.
+        select_fraction: share of the data a selector trains on (of each epoch with
+            ``select_scores="stale"``, of each batch with ``"forward"``).
+        select_scores: ``"stale"`` (default: the losses of the training forwards, kept per
+            sample; from the second epoch on each epoch trains on a selection, in full batches;
+            no extra pass; needs a loader with ``set_epoch_order`` and ``last_indices``, such as
+            :class:`pyoptim.data.DeviceLoader`) or ``"forward"`` (each batch is a pool scored by
+            a forward pass without gradients; see :mod:`pyoptim.budget.selection`).
         per_sample_loss: ``fn(output, y) -> [n] losses`` for the selectors (default: cross
             entropy with ``reduction="none"`` when the trainer's loss is ``F.cross_entropy``,
             else the trainer's loss called with ``reduction="none"``).
@@ -113,7 +126,7 @@ class Budgeted(Plugin):
                  knobs: Union[str, Iterable[Union[str, Selector]]] = ("schedule",), *,
                  clock: Optional[BudgetClock] = None, warmup: float = 0.05,
                  ema_decay: float = 0.999, select_fraction: float = 0.5,
-                 per_sample_loss: Optional[Callable] = None, final_eval: bool = True,
+                 select_scores: str = "stale", per_sample_loss: Optional[Callable] = None, final_eval: bool = True,
                  epoch_eval: bool = True, reserve_s: float = 0.0, sync_device: bool = True,
                  seed: int = 0):
         if clock is None:
@@ -158,6 +171,11 @@ class Budgeted(Plugin):
             selector = sel
             names.append(sel.name)
         self.knobs = tuple(names)
+        if select_scores not in SELECT_SCORES:
+            raise ValueError(f"Budgeted: select_scores must be one of {', '.join(SELECT_SCORES)}, "
+                             f"got {select_scores!r}")
+        self.select_scores = select_scores
+        self.seed = int(seed)
         self.selector: Selector = selector if selector is not None else UniformSelection()
         self.warmup = float(warmup)
         self.ema_decay = float(ema_decay)
@@ -187,9 +205,32 @@ class Budgeted(Plugin):
         self._synced = {"elapsed": 0.0, "step": 0.0, "epoch_end": 0.0, "final": 0.0}
         self._weights: Optional[Tensor] = None
         self._bn_frozen = None
+        self.scores: Optional[SampleScores] = None      # stale mode: per-sample loss ranks
+        self._weight_table: Optional[Tensor] = None     # stale importance: weight per sample
+        self._batch_losses: Optional[Tensor] = None
+        self._selected_epochs: List[Dict[str, Any]] = []
         self._fraction = 0.0                          # share of the training time spent
         self._orig_loss: Optional[Callable] = None
         self._warned_sched = False
+
+    @property
+    def _stale(self) -> bool:
+        return self.selector.needs_scores and self.select_scores == "stale"
+
+    @property
+    def _recording(self) -> bool:
+        return self._stale
+
+    def _check_stale_loader(self, trainer) -> int:
+        data = trainer.train_data
+        n = getattr(data, "num_samples", None)
+        if not (callable(getattr(data, "set_epoch_order", None)) and hasattr(data, "last_indices")
+                and isinstance(n, int)):
+            raise ValueError(f"Budgeted: select_scores='stale' needs a loader that reports its "
+                             f"batches' sample indices and takes an epoch order (set_epoch_order, "
+                             f"last_indices, num_samples: pyoptim.data.DeviceLoader); got "
+                             f"{type(data).__name__}. Use select_scores='forward' with other loaders.")
+        return n
 
     # ------------------------------------------------------------------------------ predictions
     def step_time(self) -> float:
@@ -369,7 +410,19 @@ class Budgeted(Plugin):
             self.ema.to(trainer.device)          # a state loaded from a checkpoint
         if self.selector.needs_scores:
             self._score_loss = self._per_sample_loss(trainer)
-            if self.selector.weighted and not isinstance(trainer.loss_fn, _WeightedLoss):
+            if self._stale:
+                n = self._check_stale_loader(trainer)
+                if self.scores is None:
+                    self.scores = SampleScores(n, trainer.device)
+                elif self.scores.num_samples != n:
+                    raise ValueError(f"Budgeted: the sample scores cover {self.scores.num_samples} "
+                                     f"samples, the training data holds {n}")
+                else:
+                    self.scores.to(trainer.device)      # a table loaded from a checkpoint
+                if self._weight_table is not None:
+                    self._weight_table = self._weight_table.to(trainer.device)
+            if ((self.selector.weighted or self._stale)
+                    and not isinstance(trainer.loss_fn, _WeightedLoss)):
                 self._orig_loss = trainer.loss_fn
                 trainer.loss_fn = _WeightedLoss(self._score_loss, self)
         t0 = time.perf_counter()
@@ -395,10 +448,32 @@ class Budgeted(Plugin):
         if not self.epoch_eval:
             trainer.skip_epoch_eval = True
 
+    def on_epoch_start(self, trainer, epoch) -> None:
+        if not self._stale:
+            return
+        t0 = time.perf_counter()
+        self.scores.commit(distributed=bool(trainer.distributed) and _dist_on())
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * int(epoch) + 1) % (2 ** 63))
+        order, weights = self.selector.epoch_order(self.scores, g)
+        self._weight_table = weights.to(trainer.device) if weights is not None else None
+        if order is not None:
+            trainer.train_data.set_epoch_order(epoch, order)
+            self._selected_epochs.append({
+                "epoch": int(epoch), "samples": int(order.numel()),
+                "distinct": int(torch.unique(order).numel()),
+                "scored": self.scores.num_scored})
+        self.time_s["select"] += time.perf_counter() - t0
+
     def before_step(self, trainer, step, x, y):
         if "schedule" in self.knobs:
             self._set_lr(trainer)
         if not self.selector.needs_scores:
+            return None
+        if self._stale:
+            self._batch_losses = None
+            if self._weight_table is not None:
+                idx = trainer.train_data.last_indices
+                self._weights = self._weight_table[idx.to(self._weight_table.device)]
             return None
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise TypeError(f"Budgeted: sample selection needs tensor batches, got "
@@ -424,6 +499,13 @@ class Budgeted(Plugin):
 
     def on_step_end(self, trainer, step, metrics) -> None:
         self._weights = None
+        if self._batch_losses is not None:
+            t0 = time.perf_counter()
+            idx = trainer.train_data.last_indices
+            if idx is not None and idx.numel() == self._batch_losses.numel():
+                self.scores.record(idx, self._batch_losses)
+            self._batch_losses = None
+            self.time_s["select"] += time.perf_counter() - t0
         if self._bn_frozen is not None:       # another plug-in skipped after_backward
             self._bn_frozen.release()
             self._bn_frozen = None
@@ -539,7 +621,12 @@ class Budgeted(Plugin):
             "within_budget": elapsed <= self.clock.seconds,
             "stop_reason": self.stop_reason,
             "knobs": list(self.knobs),
-            "selector": self.selector.describe(),
+            "selector": self.selector.describe() + (
+                "" if not self.selector.needs_scores else
+                "; losses kept from the training forwards (stale), selection from the second epoch"
+                if self._stale else "; losses from a scoring forward over each pool"),
+            "select_scores": self.select_scores if self.selector.needs_scores else None,
+            "selected_epochs": list(self._selected_epochs),
             "steps": trainer.global_step,
             "epochs_completed": trainer.epoch,
             "samples": samples,
@@ -562,7 +649,11 @@ class Budgeted(Plugin):
                 "boundary_extra": self._boundary_extra, "fraction": self._fraction, "timeline": list(self.timeline),
                 "lr_trace": list(self.lr_trace), "time_s": dict(self.time_s),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "selector": self.selector.state_dict()}
+                "selector": self.selector.state_dict(),
+                "scores": self.scores.state_dict() if self.scores is not None else None,
+                "weight_table": (self._weight_table.cpu() if self._weight_table is not None
+                                 else None),
+                "selected_epochs": list(self._selected_epochs)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.clock.resume_after(state["spent"])
@@ -581,6 +672,13 @@ class Budgeted(Plugin):
                 self.ema = WeightEMA.__new__(WeightEMA)
             self.ema.load_state_dict(state["ema"])
         self.selector.load_state_dict(state.get("selector") or {})
+        if state.get("scores") is not None:
+            saved = state["scores"]
+            self.scores = SampleScores(int(torch.as_tensor(saved["rank"]).numel()))
+            self.scores.load_state_dict(saved)
+        wt = state.get("weight_table")
+        self._weight_table = torch.as_tensor(wt) if wt is not None else None
+        self._selected_epochs = list(state.get("selected_epochs") or [])
 
     def __repr__(self) -> str:
         return (f"Budgeted({format_duration(self.clock.seconds)}, knobs={self.knobs}, "

@@ -12,8 +12,23 @@ with per-sample loss weights or ``None``:
   a uniform share so no ``p_i`` is tiny), each weighted by ``1 / (n p_i)``: the weighted mean
   gradient is an unbiased estimate of the pool's mean gradient.
 
-The scoring forward runs in train mode over the whole pool and is the one that updates the
-BatchNorm running statistics; the training forward on the selected samples then runs with every
+Two ways to get the losses (``Budgeted(select_scores=...)``):
+
+* ``"stale"`` (the default; Jiang et al.'s "stale" variant, after Loshchilov & Hutter's online
+  batch selection): no extra pass. The training forward already computes every trained sample's
+  loss; :class:`SampleScores` keeps it, as the sample's rank within its batch (all samples of
+  one batch were scored by the same weights, so a rank is comparable across the run where a raw
+  loss is not: the first batches' losses are all high). At each epoch start the selector turns
+  the table into the epoch's order (:meth:`Selector.epoch_order`), which the loader
+  (:meth:`pyoptim.data.DeviceLoader.set_epoch_order`) serves in full batches. The first epoch has
+  no scores and is uniform, so below one pass over the data the selector *is* the uniform
+  baseline, at no cost.
+* ``"forward"``: each loader batch is a pool scored by a forward pass without gradients; the
+  selected part is trained on. It costs a forward over the pool at every step (31-39% of the
+  run in the benchmarks) and lost to uniform batches at every measured budget.
+
+In the forward mode the scoring forward runs in train mode over the whole pool and is the one
+that updates the BatchNorm running statistics; the training forward on the selected samples then runs with every
 BN's momentum at 0 (``freeze_batchnorm_stats``). The selected samples are biased towards hard
 ones (and importance sampling repeats some), so running statistics taken from them do not match
 the data the model is evaluated on: in a first benchmark that did so, selective backprop
@@ -23,13 +38,13 @@ step and so of the budget.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["Selector", "UniformSelection", "SelectiveBackprop", "ImportanceSampling",
-           "select_highest_loss", "importance_probabilities", "importance_sample",
+           "SampleScores", "select_highest_loss", "importance_probabilities", "importance_sample",
            "make_selector", "freeze_batchnorm_stats"]
 
 
@@ -73,6 +88,88 @@ def importance_sample(losses: Tensor, k: int, smoothing: float = 0.2,
     idx = torch.multinomial(p, k, replacement=True, generator=generator)
     weights = 1.0 / (p.numel() * p[idx])
     return idx, weights
+
+
+class SampleScores:
+    """Per-sample scores recorded from training forwards, for the stale-loss selectors.
+
+    For every recorded batch: ``rank`` = the sample's loss rank within its batch, ``(r + 0.5) / n``
+    in ``(0, 1)`` (1 = hardest), and ``relative`` = its loss over the batch's mean loss. A sample
+    recorded twice in one epoch (importance sampling draws with replacement) gets the mean.
+    Recorded values wait until :meth:`commit` (at an epoch start), which under DDP first sums
+    every rank's records, so all ranks hold the same table. Unscored samples are NaN.
+    """
+
+    def __init__(self, num_samples: int, device: Union[str, torch.device, None] = None):
+        if int(num_samples) < 1:
+            raise ValueError(f"SampleScores: num_samples must be >= 1, got {num_samples}")
+        self.num_samples = int(num_samples)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self.rank = torch.full((self.num_samples,), float("nan"), device=dev)
+        self.relative = torch.full((self.num_samples,), float("nan"), device=dev)
+        self._pending = torch.zeros(3, self.num_samples, device=dev)   # rank sum, relative sum, count
+
+    @property
+    def device(self) -> torch.device:
+        return self.rank.device
+
+    def record(self, indices: Tensor, losses: Tensor) -> None:
+        """Keeps one batch's per-sample ``losses`` for the samples ``indices``."""
+        losses = losses.detach().reshape(-1).float()
+        indices = torch.as_tensor(indices).reshape(-1)
+        n = losses.numel()
+        if indices.numel() != n:
+            raise ValueError(f"SampleScores.record: {indices.numel()} indices for {n} losses")
+        if n == 0:
+            return
+        if not bool(torch.isfinite(losses).all()):
+            return                        # a diverged step scores nothing
+        indices = indices.to(self.device, torch.int64)
+        losses = losses.to(self.device)
+        rank = torch.empty_like(losses)
+        rank[torch.argsort(losses)] = (torch.arange(n, device=self.device, dtype=losses.dtype) + 0.5) / n
+        mean = losses.mean()
+        rel = losses / mean if float(mean) > 0 else torch.ones_like(losses)
+        vals = torch.stack([rank, rel, torch.ones_like(rank)])
+        self._pending.index_add_(1, indices, vals)
+
+    def commit(self, distributed: bool = False) -> int:
+        """Moves the recorded values into the table (after summing them over ranks when
+        ``distributed``); returns how many samples got new scores."""
+        pending = self._pending
+        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+            dev = self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            buf = pending.to(dev)
+            torch.distributed.all_reduce(buf)
+            pending = buf.to(self.device)
+        seen = pending[2] > 0
+        count = pending[2].clamp_min(1)
+        self.rank = torch.where(seen, pending[0] / count, self.rank)
+        self.relative = torch.where(seen, pending[1] / count, self.relative)
+        self._pending = torch.zeros_like(self._pending)
+        return int(seen.sum())
+
+    def to(self, device: Union[str, torch.device]) -> "SampleScores":
+        self.rank, self.relative = self.rank.to(device), self.relative.to(device)
+        self._pending = self._pending.to(device)
+        return self
+
+    @property
+    def num_scored(self) -> int:
+        return int(torch.isfinite(self.rank).sum())
+
+    def state_dict(self) -> dict:
+        return {"rank": self.rank.cpu(), "relative": self.relative.cpu(),
+                "pending": self._pending.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank = torch.as_tensor(state["rank"])
+        if rank.shape != (self.num_samples,):
+            raise ValueError(f"SampleScores: the saved table has {rank.numel()} samples, this "
+                             f"one {self.num_samples}")
+        self.rank = rank.to(self.device, torch.float32)
+        self.relative = torch.as_tensor(state["relative"]).to(self.device, torch.float32)
+        self._pending = torch.as_tensor(state["pending"]).to(self.device, torch.float32)
 
 
 class freeze_batchnorm_stats:
@@ -145,6 +242,13 @@ class Selector:
                              f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}")
         return losses.float()
 
+    def epoch_order(self, scores: SampleScores, generator: torch.Generator
+                    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The stale-loss mode: ``(order, weights)`` for the next epoch from the recorded
+        ``scores``: the sample indices to train on (CPU int64; ``None``: a plain shuffled pass)
+        and per-sample loss weights indexed by sample (``[N]``, or ``None``)."""
+        return None, None
+
     def describe(self) -> str:
         return self.name
 
@@ -171,13 +275,57 @@ class SelectiveBackprop(Selector):
     name = "selective"
     needs_scores = True
 
-    def __init__(self, fraction: float = 0.5):
+    def __init__(self, fraction: float = 0.5, smoothing: float = 0.2):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"SelectiveBackprop: fraction must be in (0, 1], got {fraction}")
-        self.fraction = float(fraction)
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"SelectiveBackprop: smoothing must be in [0, 1], got {smoothing}")
+        self.fraction, self.smoothing = float(fraction), float(smoothing)
 
     def pick(self, losses, step):
         return select_highest_loss(losses, self.num_selected(losses.numel())), None
+
+    def keep_probabilities(self, scores: SampleScores) -> Tensor:
+        """Stale mode: the probability that each sample is trained on in the next epoch.
+
+        An unscored sample is always kept. A scored one: ``min(1, c * q_i)`` with
+        ``q_i = (1 - smoothing) * rank_i ** beta / mean(rank ** beta) + smoothing`` and ``c``
+        set so the expected share kept of the scored samples is ``fraction``. ``rank ** beta``
+        with ``beta = 1 / fraction - 1`` is Jiang et al.'s rule (keep with probability
+        ``percentile ** beta``), the rank within the sample's batch standing for the loss
+        percentile. The scaling keeps the share at ``fraction`` epoch after epoch (a skipped
+        sample keeps its old, low rank, so the plain rule would keep fewer every epoch), and the
+        uniform share ``smoothing`` gives every sample a chance of at least about
+        ``smoothing * fraction`` per epoch to be seen and scored again."""
+        beta = 1.0 / self.fraction - 1.0
+        rank = scores.rank.detach().to("cpu", torch.float64)
+        scored = torch.isfinite(rank)
+        p = torch.ones_like(rank)
+        m = int(scored.sum())
+        if m == 0:
+            return p
+        w = rank[scored].clamp(1e-6, 1.0) ** beta
+        q = (1.0 - self.smoothing) * w / w.mean() + self.smoothing
+        target = self.fraction * m
+        lo, hi = 0.0, 1.0 / float(q.min())          # sum(min(1, c q)) rises with c, = m at hi
+        for _ in range(60):
+            c = 0.5 * (lo + hi)
+            if float(torch.clamp(c * q, max=1.0).sum()) < target:
+                lo = c
+            else:
+                hi = c
+        p[scored] = torch.clamp(hi * q, max=1.0)
+        return p
+
+    def epoch_order(self, scores, generator):
+        if scores.num_scored == 0:
+            return None, None
+        p = self.keep_probabilities(scores)
+        keep = torch.nonzero(torch.rand(p.numel(), generator=generator, dtype=torch.float64) < p
+                             ).flatten()
+        if keep.numel() == 0:
+            return None, None
+        return keep[torch.randperm(keep.numel(), generator=generator)], None
 
     def describe(self) -> str:
         return f"selective backprop (highest-loss {self.fraction:g} of each batch)"
@@ -202,6 +350,21 @@ class ImportanceSampling(Selector):
     def pick(self, losses, step):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2 ** 63))
         return importance_sample(losses, self.num_selected(losses.numel()), self.smoothing, g)
+
+    def epoch_probabilities(self, scores: SampleScores) -> Tensor:
+        """Stale mode: :func:`importance_probabilities` of each sample's relative loss (its
+        loss over its batch's mean; an unscored sample counts as average, 1)."""
+        rel = scores.relative.detach().to("cpu", torch.float64)
+        rel = torch.where(torch.isfinite(rel), rel, torch.ones_like(rel))
+        return importance_probabilities(rel, self.smoothing)
+
+    def epoch_order(self, scores, generator):
+        if scores.num_scored == 0:
+            return None, None
+        p = self.epoch_probabilities(scores)
+        n = p.numel()
+        idx = torch.multinomial(p, self.num_selected(n), replacement=True, generator=generator)
+        return idx, (1.0 / (n * p)).float()
 
     def describe(self) -> str:
         return (f"importance sampling ({self.fraction:g} of each batch drawn by loss, "

@@ -84,7 +84,12 @@ class DeviceLoader:
 
     Iterating yields the rest of the current epoch (a fresh loader: all of epoch 0) and then moves
     to the next epoch; iterating again yields that epoch. The loader is a single stream: all its
-    iterators share its position, which :meth:`state_dict` captures.
+    iterators share its position, which :meth:`state_dict` captures. :attr:`last_indices` holds
+    this rank's sample indices of the batch it yielded last.
+
+    :meth:`set_epoch_order` replaces an epoch's shuffled order by any sequence of sample indices
+    (a subset, repeats allowed): how the stale-loss sample selectors of :mod:`pyoptim.budget`
+    train on chosen samples in full batches. The epoch then lasts ``len(order)`` samples.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
@@ -139,6 +144,8 @@ class DeviceLoader:
         self.position = 0          # samples of the epoch's permutation already handed out (all ranks)
         self._perm_epoch: int | None = None
         self._perm: torch.Tensor | None = None
+        self._orders: dict[int, torch.Tensor] = {}     # epoch -> order set by set_epoch_order
+        self.last_indices: torch.Tensor | None = None
 
         c = self.image_shape[0]
         if mean is not None:
@@ -200,13 +207,20 @@ class DeviceLoader:
         full, rem = divmod(max(remaining, 0), self.batch_size)
         return full + (1 if rem and not self.drop_last and rem >= self.world_size else 0)
 
+    def epoch_length(self, epoch: int | None = None) -> int:
+        """Samples in ``epoch`` (default: the current one): the data set's size, or the length
+        of the order given by :meth:`set_epoch_order`."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        order = self._orders.get(epoch)
+        return self.num_samples if order is None else int(order.numel())
+
     def __len__(self) -> int:
-        """Batches in a whole epoch at the current batch size."""
-        return self._count_batches(self.num_samples)
+        """Batches in the whole current epoch at the current batch size."""
+        return self._count_batches(self.epoch_length())
 
     def batches_left(self) -> int:
         """Batches left in the current epoch at the current batch size."""
-        return self._count_batches(self.num_samples - self.position)
+        return self._count_batches(self.epoch_length() - self.position)
 
     @property
     def epoch_finished(self) -> bool:
@@ -219,27 +233,58 @@ class DeviceLoader:
         needed in a plain loop, which moves on by itself, and wrong after a resume, which must
         continue mid-epoch)."""
         self.epoch, self.position = int(epoch), 0
+        for e in [e for e in self._orders if e < self.epoch]:
+            del self._orders[e]
+
+    def set_epoch_order(self, epoch: int, order: torch.Tensor | Sequence[int]) -> None:
+        """Train ``epoch`` on ``order`` (1-D sample indices in ``[0, N)``, repeats allowed, at
+        least ``world_size`` of them) instead of a shuffled pass over the data set; every rank
+        must give the same order. Only for the current epoch before its first batch, or a later
+        one. The order is part of :meth:`state_dict`, so a resumed run continues it."""
+        epoch = int(epoch)
+        order = torch.as_tensor(order)
+        if order.dim() != 1 or order.dtype.is_floating_point or order.dtype == torch.bool:
+            raise ValueError(f"set_epoch_order: order must be a 1-D integer tensor, got "
+                             f"{order.dtype} {tuple(order.shape)}")
+        if order.numel() < self.world_size:
+            raise ValueError(f"set_epoch_order: order has {order.numel()} samples, fewer than "
+                             f"world_size={self.world_size}")
+        order = order.to("cpu", torch.int64)
+        if bool((order < 0).any()) or bool((order >= self.num_samples).any()):
+            raise ValueError(f"set_epoch_order: indices must be in [0, {self.num_samples}), got "
+                             f"[{int(order.min())}, {int(order.max())}]")
+        if epoch < self.epoch or (epoch == self.epoch and self.position > 0):
+            raise ValueError(f"set_epoch_order: epoch {epoch} has started already (the loader is "
+                             f"at epoch {self.epoch}, sample {self.position})")
+        self._orders[epoch] = order.clone()
+        if self._perm_epoch == epoch:
+            self._perm_epoch = None
+
+    def _shuffled(self, epoch: int) -> torch.Tensor:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0xE90C))
+            return torch.randperm(self.num_samples, generator=g)
+        return torch.arange(self.num_samples)
 
     def permutation(self, epoch: int | None = None) -> torch.Tensor:
-        """The sample order of ``epoch`` (default: the current one), identical on every rank."""
+        """The sample order of ``epoch`` (default: the current one), identical on every rank:
+        the order given by :meth:`set_epoch_order`, else a shuffle of the whole data set."""
         epoch = self.epoch if epoch is None else int(epoch)
         if self._perm_epoch != epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0xE90C))
-                perm = torch.randperm(self.num_samples, generator=g)
-            else:
-                perm = torch.arange(self.num_samples)
+            order = self._orders.get(epoch)
+            perm = self._shuffled(epoch) if order is None else order
             self._perm, self._perm_epoch = perm.to(self._images.device), epoch
         return self._perm
 
     def _next_bounds(self) -> tuple[int, int] | None:
-        remaining = self.num_samples - self.position
+        length = self.epoch_length()
+        remaining = length - self.position
         if remaining <= 0:
             return None
         if remaining < self.batch_size:
             if self.drop_last or remaining < self.world_size:
                 return None
-            return self.position, self.num_samples
+            return self.position, length
         return self.position, self.position + self.batch_size
 
     def _rank_slice(self, start: int, stop: int) -> tuple[int, int]:
@@ -260,21 +305,25 @@ class DeviceLoader:
             start, stop = bounds
             epoch = self.epoch
             self.position = stop                 # before yielding: a checkpoint taken while the
-            yield self._batch(epoch, start, stop)  # batch trains resumes after it
+            batch = self._batch(epoch, start, stop)  # batch trains resumes after it
+            self.last_indices = self.batch_indices(epoch, start, stop)
+            yield batch
 
     # -------------------------------------------------------------------------------- batches
     def sample_batches(self, num_batches: int, epoch: int | None = None):
-        """The first ``num_batches`` batches of ``epoch``'s order (default: the current epoch),
-        with that epoch's augmentation, without moving the loader (its position, epoch and
-        resume state are untouched): for recalibrating BN statistics
-        (``Trainer(precise_bn=n)``)."""
+        """The first ``num_batches`` batches of ``epoch``'s shuffled pass over the whole data set
+        (default: the current epoch; an order from :meth:`set_epoch_order` is ignored: these
+        batches stand for the data, not for a selection), with that epoch's augmentation,
+        without moving the loader (its position, epoch and resume state are untouched): for
+        recalibrating BN statistics (``Trainer(precise_bn=n)``)."""
         epoch = self.epoch if epoch is None else int(epoch)
+        perm = self._shuffled(epoch).to(self._images.device)
         start = 0
         for _ in range(int(num_batches)):
             stop = min(start + self.batch_size, self.num_samples)
             if stop - start < self.world_size:
                 return
-            yield self._batch(epoch, start, stop)
+            yield self._batch(epoch, start, stop, perm)
             start = stop
             if start >= self.num_samples:
                 return
@@ -284,9 +333,9 @@ class DeviceLoader:
         lo, hi = self._rank_slice(start, stop)
         return self.permutation(epoch)[lo:hi]
 
-    def _batch(self, epoch: int, start: int, stop: int):
+    def _batch(self, epoch: int, start: int, stop: int, perm: torch.Tensor | None = None):
         lo, hi = self._rank_slice(start, stop)
-        idx = self.permutation(epoch)[lo:hi]
+        idx = (self.permutation(epoch) if perm is None else perm)[lo:hi]
         if self.placement == "device":
             x = self._images.index_select(0, idx)
             y = self._labels.index_select(0, idx)
@@ -318,10 +367,13 @@ class DeviceLoader:
         """Everything needed to continue exactly: epoch, position in the epoch's permutation,
         batch size and seed (every permutation and augmentation is a function of the seed, the
         epoch and the position, so no generator state needs saving)."""
-        return {"version": _STATE_VERSION, "epoch": self.epoch, "position": self.position,
-                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
-                "augment": self.augment, "drop_last": self.drop_last,
-                "num_samples": self.num_samples, "world_size": self.world_size}
+        state = {"version": _STATE_VERSION, "epoch": self.epoch, "position": self.position,
+                 "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
+                 "augment": self.augment, "drop_last": self.drop_last,
+                 "num_samples": self.num_samples, "world_size": self.world_size}
+        if self._orders:
+            state["orders"] = {int(e): o.clone() for e, o in self._orders.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`'s point. The data set must have the same size; the
@@ -331,15 +383,23 @@ class DeviceLoader:
         if int(state["num_samples"]) != self.num_samples:
             raise ValueError(f"the saved loader ran over {state['num_samples']} samples, this one "
                              f"holds {self.num_samples}: not the same data set")
+        orders = {int(e): torch.as_tensor(o).to("cpu", torch.int64)
+                  for e, o in (state.get("orders") or {}).items()}
+        for e, o in orders.items():
+            if o.dim() != 1 or (o.numel() and (int(o.min()) < 0 or int(o.max()) >= self.num_samples)):
+                raise ValueError(f"saved order of epoch {e} is not a 1-D list of indices in "
+                                 f"[0, {self.num_samples})")
         position = int(state["position"])
-        if not 0 <= position <= self.num_samples:
-            raise ValueError(f"saved position {position} outside [0, {self.num_samples}]")
+        length = orders[int(state["epoch"])].numel() if int(state["epoch"]) in orders else self.num_samples
+        if not 0 <= position <= length:
+            raise ValueError(f"saved position {position} outside [0, {length}]")
         self.set_batch_size(int(state["batch_size"]))
         self.seed = int(state["seed"])
         self.shuffle = bool(state.get("shuffle", self.shuffle))
         self.augment = bool(state.get("augment", self.augment))
         self.drop_last = bool(state.get("drop_last", self.drop_last))
         self.epoch, self.position = int(state["epoch"]), position
+        self._orders = orders
         self._perm_epoch = None
 
     # ------------------------------------------------------------------------------ factories

@@ -4,6 +4,7 @@ and the command line."""
 import json
 import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyoptim import cli
-from pyoptim.budget import (BudgetClock, Budgeted, ImportanceSampling, SelectiveBackprop,
+from pyoptim.budget import (BudgetClock, Budgeted, ImportanceSampling, SampleScores, SelectiveBackprop,
                             WeightEMA, budget_lr_factor, choose_width, count_parameters, format_duration,
                             importance_probabilities, importance_sample, parse_duration, plan,
                             probe_widths, select_highest_loss)
@@ -19,7 +20,7 @@ from pyoptim.budget.plugin import _WeightedLoss
 from pyoptim.budget.selection import freeze_batchnorm_stats
 from pyoptim.data import DeviceLoader, synthetic_dataset
 from pyoptim.models import resnet20
-from pyoptim.train import Plugin, Trainer
+from pyoptim.train import Plugin, Trainer, load
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,7 +187,7 @@ def test_selective_backprop_trains_on_the_highest_loss_samples():
                 losses = F.cross_entropy(model(x), y, reduction="none")
             expected.append(set(torch.topk(losses, 16).indices.tolist()))
 
-    b = Budgeted(60, knobs=("selective",), final_eval=False)
+    b = Budgeted(60, knobs=("selective",), final_eval=False, select_scores="forward")
     t = Trainer(model, opt, train, plugins=[before, Oracle(), b, after], max_steps=6, progress=False,
                 log_every=0)
     t.fit()
@@ -267,12 +268,224 @@ def test_importance_sampling_in_the_trainer_uses_weights_and_restores_the_loss()
     class LossSpy(Plugin):
         def after_backward(self, trainer, loss):
             seen.append((type(trainer.loss_fn).__name__, b._weights is not None))
-    b = Budgeted(60, knobs=("importance",), final_eval=False, select_fraction=0.5)
+    b = Budgeted(60, knobs=("importance",), final_eval=False, select_fraction=0.5,
+                 select_scores="forward")
     t = Trainer(model, opt, train, plugins=[b, spy, LossSpy()], max_steps=3, progress=False, log_every=0)
     t.fit()
     assert all(s[0] == "_WeightedLoss" and s[1] for s in seen) and len(seen) == 3
     assert all(x.shape[0] == 8 for x, _ in spy.batches)
     assert t.loss_fn is F.cross_entropy
+
+
+# ------------------------------------------------------------------ stale-loss sample selection
+def test_sample_scores_keep_in_batch_ranks_relative_losses_and_merge_repeats():
+    sc = SampleScores(10)
+    assert sc.num_scored == 0 and bool(torch.isnan(sc.rank).all())
+    sc.record(torch.tensor([3, 1, 7, 0]), torch.tensor([0.2, 2.0, 1.0, 0.8]))
+    assert sc.num_scored == 0                      # pending until the epoch start
+    assert sc.commit() == 4
+    torch.testing.assert_close(sc.rank[[3, 1, 7, 0]], torch.tensor([0.125, 0.875, 0.625, 0.375]))
+    torch.testing.assert_close(sc.relative[[3, 1, 7, 0]], torch.tensor([0.2, 2.0, 1.0, 0.8]) / 1.0)
+    # a sample drawn twice in one epoch (importance sampling) gets the mean; others keep theirs
+    sc.record(torch.tensor([1, 1]), torch.tensor([1.0, 3.0]))
+    sc.record(torch.tensor([2, 5, 6]), torch.tensor([float("nan"), 1.0, 1.0]))   # diverged: dropped
+    assert sc.commit() == 1
+    assert float(sc.rank[1]) == pytest.approx(0.5) and float(sc.relative[1]) == pytest.approx(1.0)
+    assert float(sc.rank[3]) == pytest.approx(0.125) and bool(torch.isnan(sc.rank[[2, 5, 6]]).all())
+    state = sc.state_dict()
+    other = SampleScores(10)
+    other.load_state_dict(state)
+    assert torch.equal(other.rank.nan_to_num(-1), sc.rank.nan_to_num(-1))
+    with pytest.raises(ValueError, match="10"):
+        SampleScores(11).load_state_dict(state)
+    with pytest.raises(ValueError, match="indices"):
+        sc.record(torch.tensor([1, 2]), torch.tensor([1.0]))
+
+
+def test_stale_selective_keeps_the_fraction_favours_hard_samples_and_revisits_easy_ones():
+    torch.manual_seed(0)
+    n = 4000
+    sc = SampleScores(n)
+    for start in range(0, n - 1000, 100):            # the last 1000 samples stay unscored
+        sc.record(torch.arange(start, start + 100), torch.rand(100) * (3.0 - start / 2000))
+    sc.commit()
+    for fraction in (0.5, 0.3):
+        sel = SelectiveBackprop(fraction)
+        p = sel.keep_probabilities(sc)
+        assert bool((p[3000:] == 1).all())                          # unscored: always kept
+        assert float(p[:3000].sum()) == pytest.approx(fraction * 3000, rel=1e-6)
+        order = torch.argsort(sc.rank[:3000])
+        assert bool((p[:3000][order].diff() >= -1e-12).all())       # a harder rank, no lower chance
+        assert float(p[:3000].min()) >= 0.5 * sel.smoothing * fraction and float(p.max()) <= 1
+        keep, w = sel.epoch_order(sc, torch.Generator().manual_seed(1))
+        assert w is None and keep.unique().numel() == keep.numel()
+        assert abs(keep.numel() - (fraction * 3000 + 1000)) < 4 * math.sqrt(3000 * 0.25)
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[keep] = True
+        assert bool(kept[3000:].all())
+        assert float(sc.rank[:3000][kept[:3000]].mean()) > float(sc.rank[:3000][~kept[:3000]].mean()) + 0.1
+    # the share stays at the fraction epoch after epoch, though skipped samples keep low ranks
+    sel, sizes = SelectiveBackprop(0.5), []
+    for epoch in range(6):
+        keep, _ = sel.epoch_order(sc, torch.Generator().manual_seed(epoch))
+        sizes.append(keep.numel())
+        for i in range(0, keep.numel(), 100):
+            sc.record(keep[i:i + 100], torch.rand(keep[i:i + 100].numel()))
+        sc.commit()
+    assert all(abs(s - 2000) < 150 for s in sizes[1:]), sizes
+    assert SelectiveBackprop(0.5).epoch_order(SampleScores(5), torch.Generator()) == (None, None)
+
+
+def test_stale_importance_weights_make_the_epoch_gradient_unbiased():
+    """Known answer: each draw of the epoch picks sample i with probability p_i and weights it
+    1 / (N p_i), so the expected weighted per-sample gradient is the data set's mean gradient."""
+    torch.manual_seed(1)
+    n = 40
+    sc = SampleScores(n)
+    for start in range(0, 30, 10):
+        sc.record(torch.arange(start, start + 10), torch.rand(10) * 3 + 0.1)
+    sc.commit()
+    imp = ImportanceSampling(0.5, smoothing=0.2)
+    p = imp.epoch_probabilities(sc)
+    rel = torch.where(torch.isfinite(sc.relative), sc.relative, torch.ones_like(sc.relative))
+    torch.testing.assert_close(p, importance_probabilities(rel.double(), 0.2))
+    idx, w = imp.epoch_order(sc, torch.Generator().manual_seed(0))
+    assert idx.numel() == 20 and w.shape == (n,)
+    torch.testing.assert_close(w.double(), 1.0 / (n * p), rtol=1e-6, atol=0)
+    grads = torch.randn(n, 7, dtype=torch.float64)             # any per-sample gradients
+    expectation = (p.unsqueeze(1) * w.double().unsqueeze(1) * grads).sum(0)
+    torch.testing.assert_close(expectation, grads.mean(0), rtol=1e-6, atol=1e-9)
+    assert (((p.unsqueeze(1) * grads).sum(0)) - grads.mean(0)).abs().max() > 1e-3   # unweighted: biased
+
+
+class _Ids(Plugin):
+    """Records (epoch, sample indices) of every step, and the score table at each epoch start."""
+
+    def __init__(self, budgeted):
+        self.b, self.steps, self.tables = budgeted, [], {}
+
+    def on_epoch_start(self, trainer, epoch):
+        self.tables[epoch] = self.b.scores.rank.clone()
+
+    def before_step(self, trainer, step, x, y):
+        self.steps.append((trainer.epoch, trainer.train_data.last_indices.clone()))
+
+
+def test_stale_selection_in_the_trainer_scores_every_sample_then_trains_on_the_hard_ones():
+    """The first epoch is uniform and its training forwards score every sample (ranks equal
+    those of the model's losses before each step); later epochs train on a selection in full
+    batches, harder on average than what they skip; the trainer's loss comes back at the end."""
+    torch.manual_seed(0)
+    train, _ = _loaders(n_train=256, batch=32, image=6)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = {}
+
+    class Oracle(Plugin):
+        def before_step(self, trainer, step, x, y):
+            if trainer.epoch == 0:
+                with torch.no_grad():
+                    losses = F.cross_entropy(model(x), y, reduction="none")
+                idx = trainer.train_data.last_indices
+                expected.update(zip(idx.tolist(), ((torch.argsort(torch.argsort(losses)) + 0.5) / 32).tolist()))
+
+    b = Budgeted(600, knobs=("selective",), final_eval=False)
+    ids = _Ids(b)
+    t = Trainer(model, opt, train, plugins=[Oracle(), b, ids], max_epochs=3, progress=False, log_every=0)
+    t.fit()
+    assert t.loss_fn is F.cross_entropy and b.result["select_scores"] == "stale"
+    epoch0 = torch.cat([i for e, i in ids.steps if e == 0])
+    assert sorted(epoch0.tolist()) == list(range(256))
+    table = ids.tables[1]
+    torch.testing.assert_close(table[torch.tensor(sorted(expected))],
+                               torch.tensor([expected[i] for i in sorted(expected)]))
+    sel = b.result["selected_epochs"]
+    assert [s["epoch"] for s in sel] == [1, 2] and all(s["scored"] == 256 for s in sel)
+    for s in sel:
+        got = torch.cat([i for e, i in ids.steps if e == s["epoch"]])
+        assert got.numel() == s["samples"] == s["distinct"] and 90 < got.numel() < 170
+        sizes = [i.numel() for e, i in ids.steps if e == s["epoch"]]
+        assert all(k == 32 for k in sizes[:-1])                       # full batches
+    kept = torch.zeros(256, dtype=torch.bool)
+    kept[torch.cat([i for e, i in ids.steps if e == 1])] = True
+    assert float(table[kept].mean()) > float(table[~kept].mean()) + 0.1
+    assert t.samples_seen == 256 + sel[0]["samples"] + sel[1]["samples"]
+
+
+def test_stale_importance_in_the_trainer_weights_each_sample_by_its_draw():
+    torch.manual_seed(0)
+    train, _ = _loaders(n_train=128, batch=16, image=6)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+
+    class WeightSpy(Plugin):
+        def after_backward(self, trainer, loss):
+            w = b._weights
+            seen.append((trainer.epoch, None if w is None else
+                         bool(torch.equal(w, b._weight_table[trainer.train_data.last_indices]))))
+    b = Budgeted(600, knobs=("importance",), final_eval=False, select_fraction=0.5)
+    t = Trainer(model, opt, train, plugins=[b, WeightSpy()], max_epochs=3, progress=False, log_every=0)
+    t.fit()
+    assert [s for s in seen if s[0] == 0] == [(0, None)] * 8          # epoch 0: uniform, unweighted
+    later = [s for s in seen if s[0] > 0]
+    assert len(later) == 8 and all(s[1] for s in later)               # 64 draws a epoch, weighted
+    assert [s["samples"] for s in b.result["selected_epochs"]] == [64, 64]
+
+
+def test_stale_selection_needs_a_loader_that_names_its_samples():
+    x = torch.randn(64, 1, 6, 6)
+    y = torch.randint(0, 4, (64,))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = Trainer(model, opt, batches, plugins=[Budgeted(60, knobs=("selective",), final_eval=False)],
+                max_epochs=1, progress=False, log_every=0)
+    with pytest.raises(ValueError, match="set_epoch_order"):
+        t.fit()
+    t = Trainer(model, opt, batches, max_epochs=1, progress=False, log_every=0,
+                plugins=[Budgeted(60, knobs=("selective",), final_eval=False, select_scores="forward")])
+    t.fit()
+    assert t.global_step == 4
+    with pytest.raises(ValueError, match="select_scores"):
+        Budgeted(60, knobs=("selective",), select_scores="fresh")
+
+
+def test_stale_selection_resumes_exactly_from_a_checkpoint_inside_a_selected_epoch(tmp_path):
+    def run(plugins_extra=(), **kw):
+        torch.manual_seed(0)
+        train, _ = _loaders(n_train=128, batch=16, image=6)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        b = Budgeted(600, knobs=("importance",), final_eval=False)
+        return Trainer(model, opt, train, plugins=[b, *plugins_extra], max_epochs=3, progress=False,
+                       log_every=0, **kw), train
+
+    class Losses(Plugin):
+        def __init__(self):
+            self.values = []
+
+        def on_step_end(self, trainer, step, metrics):
+            self.values.append(float(metrics["loss"]))
+
+    rec = Losses()
+    t, _ = run((rec,), checkpoint_dir=tmp_path, checkpoint_every_steps=11)
+    t.fit()                                  # epoch 0: 8 steps, then 4 selected steps a epoch
+    assert t.global_step == 16
+    _, train2 = run()
+    rec2 = Losses()
+    b2 = Budgeted(600, knobs=("importance",), final_eval=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t2 = load(tmp_path / "step000000011.pt", train2, plugins=[b2, rec2], device="cpu",
+                  checkpoint_dir=None)
+    assert not [w for w in caught if "loss" in str(w.message)]   # the trainer's own loss was saved
+    assert t2.loss_fn is F.cross_entropy
+    t2.fit()
+    assert rec2.values == rec.values[11:]
+    for p, q in zip(t.model.parameters(), t2.model.parameters()):
+        assert torch.equal(p, q)
+    assert b2.result["selected_epochs"] == t.plugins[0].result["selected_epochs"]
 
 
 # ------------------------------------------------------------------------------ the budget run
@@ -469,13 +682,18 @@ def test_width_probes_scale_parameters_as_width_squared():
 def test_plan_explains_every_knob_and_builds_the_plug_in():
     train, _ = _loaders(n_train=320, batch=32, image=6)
     roomy = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, select_min_epochs=3.0, steps=1,
-                 min_params_per_sample=0)
+                 min_params_per_sample=0, select_scores="forward")
     assert roomy.width == 0.5 and "selective" in roomy.knobs and roomy.batch_size == 64
     assert set(roomy.reasons) == {"model", "data", "schedule", "averaging"}
     text = roomy.explain()
     assert "model:" in text and "selective backprop" in text
     b = roomy.budgeted()
     assert b.knobs == ("schedule", "selective") and b.clock.seconds == 20.0
+    assert b.select_scores == "forward"
+    stale = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, select_min_epochs=3.0,
+                 steps=1, min_params_per_sample=0)          # stale losses: the batch stays
+    assert "selective" in stale.knobs and stale.batch_size == 32 and "stale" in stale.reasons["data"]
+    assert stale.budgeted().select_scores == "stale"
     tight = plan(_Slow, train, 0.05, widths=(0.25, 0.5), min_epochs=2.0, steps=1, min_params_per_sample=0,
                  select_min_epochs=3.0)
     assert tight.width == 0.25 and tight.knobs == ("schedule",) and "uniform" in tight.reasons["data"]
@@ -501,7 +719,7 @@ def worker(rank, world):
     from pyoptim.budget import Budgeted, BudgetClock
     from pyoptim.data import DeviceLoader
     from pyoptim.models import resnet20
-    from pyoptim.train import Plugin, Trainer
+    from pyoptim.train import Plugin, Trainer, load
     clock = BudgetClock(6)
 
     class Slower(Plugin):               # rank 1 is a bit slower: the ranks' clocks disagree
@@ -522,6 +740,7 @@ def worker(rank, world):
                 progress=False, log_every=0)
     t.fit()
     torch.save({"steps": t.global_step, "lrs": [lr for _, lr in b.lr_trace], "end": clock.elapsed(),
+                "selected": b.result["selected_epochs"], "rank_table": b.scores.rank.clone(),
                 "params": {k: v.clone() for k, v in t.model.state_dict().items()},
                 "acc": b.result["final_accuracy"]}, os.path.join(OUT, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -541,6 +760,10 @@ def test_ddp_ranks_stop_at_the_same_step_with_the_same_learning_rates(tmp_path, 
         assert torch.equal(r0["params"][k], r1["params"][k]), k
     assert r0["acc"] == r1["acc"]
     assert r0["end"] <= 6 and r1["end"] <= 6
+    # stale-loss selection: every rank's records merged, the same selected epochs on both ranks
+    assert r0["selected"] == r1["selected"] and len(r0["selected"]) >= 1
+    assert r0["selected"][0]["scored"] == 256
+    assert torch.equal(r0["rank_table"], r1["rank_table"])
 
 
 # ---------------------------------------------------------------------------------- command line

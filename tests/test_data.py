@@ -522,3 +522,42 @@ def test_sample_batches_leave_the_loader_where_it_was():
     rest = list(it)                                      # the epoch continues as if never sampled
     assert sorted(sum((y.tolist() for _, y in first + rest), [])) == list(range(50))
     assert len(list(A.sample_batches(100))) == 7         # at most one epoch's batches
+
+
+def test_epoch_order_serves_a_selection_in_full_batches_and_resumes():
+    """``set_epoch_order``: the epoch serves exactly the given indices (repeats too) in full
+    batches, ``last_indices`` names them, a checkpoint inside the epoch resumes it, the next epoch
+    is a full shuffled pass again, ``sample_batches`` ignores the order, DDP ranks split it."""
+    L = ids_loader(50, 8, seed=4)
+    assert sorted(sum(epoch_ids(L), [])) == list(range(50)) and L.epoch == 1
+    order = torch.tensor([5, 7, 7, 49, 0, 3, 11, 12, 13, 14, 20, 21, 22])
+    L.set_epoch_order(1, order)
+    assert L.epoch_length() == 13 and len(L) == 2 and L.batches_left() == 2
+    it = iter(L)
+    _, y = next(it)
+    assert y.tolist() == order[:8].tolist() and L.last_indices.tolist() == order[:8].tolist()
+    state = L.state_dict()
+    rest = [y.tolist() for _, y in it]
+    assert rest == [order[8:].tolist()] and L.epoch == 2 and L.epoch_length() == 50
+    M = ids_loader(50, 8, seed=0)
+    M.load_state_dict(state)                       # resumes inside the selected epoch
+    assert [y.tolist() for _, y in M] == rest and M.epoch == 2
+    assert sorted(sum(epoch_ids(L), [])) == list(range(50)) and L.epoch == 3
+    L.set_epoch_order(3, order)
+    assert sorted(sum((y.tolist() for _, y in L.sample_batches(100)), [])) == list(range(50))
+    with pytest.raises(ValueError, match="started"):
+        L.set_epoch_order(2, order)
+    it = iter(L)
+    next(it)
+    with pytest.raises(ValueError, match="started"):
+        L.set_epoch_order(3, order)
+    for bad, msg in ((torch.tensor([0, 50]), r"\[0, 50\)"), (torch.tensor([-1, 2]), r"\[0, 50\)"),
+                     (torch.tensor([[1, 2]]), "1-D"), (torch.tensor([0.5]), "integer"),
+                     (torch.tensor([], dtype=torch.long), "fewer than world_size")):
+        with pytest.raises(ValueError, match=msg):
+            L.set_epoch_order(5, bad)
+    ranks = [ids_loader(50, 8, seed=4, rank=r, world_size=2) for r in range(2)]
+    for R in ranks:
+        R.set_epoch_order(0, order)
+    got = [[y.tolist() for _, y in R] for R in ranks]
+    assert [a + b for a, b in zip(*got)] == [order[:8].tolist(), order[8:].tolist()]

@@ -57,6 +57,10 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def _same(obj):
+    return obj
+
+
 class _WeightedLoss:
     """The trainer's loss while a selector is on: ``mean(w * l)`` with the selector's per-sample
     weights (``mean(l)`` without), keeping the per-sample losses for the stale-loss scores."""
@@ -65,9 +69,13 @@ class _WeightedLoss:
         self.per_sample_loss = per_sample_loss
         self.plugin = plugin
 
+    def __reduce__(self):
+        # a checkpoint keeps the trainer's own loss; the plug-in wraps it again when fit() starts
+        return (_same, (getattr(self.plugin, "_orig_loss", None),))
+
     def __call__(self, out, y):
         losses = self.per_sample_loss(out, y)
-        if self.plugin._recording:
+        if getattr(self.plugin, "_recording", False):
             self.plugin._batch_losses = losses.detach()
         w = self.plugin._weights
         if w is None:

@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
-    ap.add_argument("--min-epochs", type=float, default=2.0)
+    ap.add_argument("--min-epochs", type=float, default=3.0)
     ap.add_argument("--select-scores", choices=("stale", "forward"), default="stale",
                     help="where the selectors get their losses (pyoptim train --select-scores)")
     ap.add_argument("--device", default="cpu")

@@ -635,7 +635,7 @@ def _add_budget_arguments(t) -> None:
                         "each pool (forward)")
     t.add_argument("--warmup", type=float, default=0.05, help="schedule: warm-up share of the training time")
     t.add_argument("--ema-decay", type=float, default=0.999, help="ema: decay of the weight average")
-    t.add_argument("--min-epochs", type=float, default=2.0,
+    t.add_argument("--min-epochs", type=float, default=3.0,
                    help="width/auto: the widest width making at least this many passes is chosen")
     t.add_argument("--min-params-per-sample", type=float, default=1.0,
                    help="width/auto: never a width with fewer parameters per training sample (0: off)")

@@ -775,7 +775,7 @@ def _cli_args(tmp_path, *extra):
 def test_cli_train_with_a_budget_writes_the_report_and_picture(tmp_path, capsys):
     out = tmp_path / "run"
     rc = cli.main(["train", *_cli_args(tmp_path), "--budget", "8s", "--knobs", "schedule,selective",
-                   "--out", str(out)])
+                   "--select-scores", "forward", "--out", str(out)])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     b = rep["budget"]
@@ -783,7 +783,8 @@ def test_cli_train_with_a_budget_writes_the_report_and_picture(tmp_path, capsys)
     assert b["end_s"] <= 8 and b["knobs"] == ["schedule", "selective"]
     assert rep["final"]["test_accuracy"] is not None and rep["timeline"][-1]["final"]
     assert rep["lr_trace"] and (out / "report.png").stat().st_size > 0
-    # trained batch stays --batch-size: the loader's pool is twice as large
+    # scored by a forward pass: the trained batch stays --batch-size, the loader's pool is twice as large
+    assert b["select_scores"] == "forward"
     assert rep["history"] == [] or rep["history"][0]["batch_size"] == 64
     assert cli.main(["report", str(out)]) == 0
     assert "budget" in capsys.readouterr().out

@@ -601,6 +601,9 @@ class Budgeted(Plugin):
         t0 = time.perf_counter()
         if self.ema is not None and self.ema.updates > 0:
             self.ema.copy_to(trainer.model)
+        # the budget usually stops inside an epoch, where the trainer has not averaged the BN
+        # statistics over the ranks: every rank ends (and evaluates) with the same model
+        trainer.sync_buffers()
         last = trainer.history[-1] if len(trainer.history) else None
         reuse = (last is not None and last.get("step") == trainer.global_step
                  and last.get("eval_accuracy") is not None and self.ema is None)

@@ -394,6 +394,7 @@ def test_stale_selection_in_the_trainer_scores_every_sample_then_trains_on_the_h
     t = Trainer(model, opt, train, plugins=[Oracle(), b, ids], max_epochs=3, progress=False, log_every=0)
     t.fit()
     assert t.loss_fn is F.cross_entropy and b.result["select_scores"] == "stale"
+    assert b.result["selector"].startswith("selective backprop from stale losses")
     epoch0 = torch.cat([i for e, i in ids.steps if e == 0])
     assert sorted(epoch0.tolist()) == list(range(256))
     table = ids.tables[1]

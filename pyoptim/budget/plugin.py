@@ -35,7 +35,7 @@ from .schedule import WeightEMA, budget_lr_factor
 from .selection import (SampleScores, Selector, UniformSelection, freeze_batchnorm_stats,
                         make_selector)
 
-__all__ = ["Budgeted", "KNOBS"]
+__all__ = ["Budgeted", "KNOBS", "SELECT_SCORES"]
 
 #: knob names accepted by :class:`Budgeted`
 KNOBS = ("schedule", "ema", "uniform", "selective", "importance")
@@ -134,7 +134,8 @@ class Budgeted(Plugin):
                  knobs: Union[str, Iterable[Union[str, Selector]]] = ("schedule",), *,
                  clock: Optional[BudgetClock] = None, warmup: float = 0.05,
                  ema_decay: float = 0.999, select_fraction: float = 0.5,
-                 select_scores: str = "stale", per_sample_loss: Optional[Callable] = None, final_eval: bool = True,
+                 select_scores: str = "stale", per_sample_loss: Optional[Callable] = None,
+                 final_eval: bool = True,
                  epoch_eval: bool = True, reserve_s: float = 0.0, sync_device: bool = True,
                  seed: int = 0):
         if clock is None:
@@ -632,10 +633,7 @@ class Budgeted(Plugin):
             "within_budget": elapsed <= self.clock.seconds,
             "stop_reason": self.stop_reason,
             "knobs": list(self.knobs),
-            "selector": self.selector.describe() + (
-                "" if not self.selector.needs_scores else
-                "; losses kept from the training forwards (stale), selection from the second epoch"
-                if self._stale else "; losses from a scoring forward over each pool"),
+            "selector": self.selector.describe(stale=self._stale),
             "select_scores": self.select_scores if self.selector.needs_scores else None,
             "selected_epochs": list(self._selected_epochs),
             "steps": trainer.global_step,

@@ -249,7 +249,8 @@ class Selector:
         and per-sample loss weights indexed by sample (``[N]``, or ``None``)."""
         return None, None
 
-    def describe(self) -> str:
+    def describe(self, stale: bool = False) -> str:
+        """What the selector does; ``stale``: with losses kept from the training forwards."""
         return self.name
 
     def state_dict(self):
@@ -327,8 +328,13 @@ class SelectiveBackprop(Selector):
             return None, None
         return keep[torch.randperm(keep.numel(), generator=generator)], None
 
-    def describe(self) -> str:
-        return f"selective backprop (highest-loss {self.fraction:g} of each batch)"
+    def describe(self, stale: bool = False) -> str:
+        if stale:
+            return (f"selective backprop from stale losses (each epoch after the first trains on "
+                    f"about {self.fraction:g} of the data, kept with a probability that grows "
+                    f"with the last in-batch loss rank; uniform share {self.smoothing:g})")
+        return (f"selective backprop (highest-loss {self.fraction:g} of each batch, scored by a "
+                f"forward pass)")
 
 
 class ImportanceSampling(Selector):
@@ -366,9 +372,13 @@ class ImportanceSampling(Selector):
         idx = torch.multinomial(p, self.num_selected(n), replacement=True, generator=generator)
         return idx, (1.0 / (n * p)).float()
 
-    def describe(self) -> str:
-        return (f"importance sampling ({self.fraction:g} of each batch drawn by loss, "
-                f"smoothing {self.smoothing:g}, unbiased weights)")
+    def describe(self, stale: bool = False) -> str:
+        if stale:
+            return (f"importance sampling from stale losses (each epoch after the first draws "
+                    f"{self.fraction:g} x the data set by relative loss, smoothing "
+                    f"{self.smoothing:g}, unbiased weights)")
+        return (f"importance sampling ({self.fraction:g} of each batch drawn by loss, scored by a "
+                f"forward pass, smoothing {self.smoothing:g}, unbiased weights)")
 
 
 def make_selector(name: str, fraction: float = 0.5, seed: int = 0) -> Selector:

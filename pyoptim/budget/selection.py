@@ -122,15 +122,16 @@ class SampleScores:
             raise ValueError(f"SampleScores.record: {indices.numel()} indices for {n} losses")
         if n == 0:
             return
-        if not bool(torch.isfinite(losses).all()):
-            return                        # a diverged step scores nothing
+        # no host synchronisation: this runs after every training step
         indices = indices.to(self.device, torch.int64)
         losses = losses.to(self.device)
         rank = torch.empty_like(losses)
         rank[torch.argsort(losses)] = (torch.arange(n, device=self.device, dtype=losses.dtype) + 0.5) / n
         mean = losses.mean()
-        rel = losses / mean if float(mean) > 0 else torch.ones_like(losses)
+        rel = torch.where(mean > 0, losses / mean.clamp_min(1e-30), torch.ones_like(losses))
         vals = torch.stack([rank, rel, torch.ones_like(rank)])
+        # a diverged step (a non-finite loss) scores nothing
+        vals = torch.where(torch.isfinite(losses).all(), vals, torch.zeros_like(vals))
         self._pending.index_add_(1, indices, vals)
 
     def commit(self, distributed: bool = False) -> int:

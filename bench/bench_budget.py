@@ -9,8 +9,9 @@
    ``none``         the naive baseline: the full recipe cut off when the budget runs out
    ``schedule``     budget-aware LR (warm-up, linear decay to zero when the time runs out)
    ``selective``    selective backprop, naive schedule: with ``--select-scores stale`` (the
-                    default) each epoch after the first trains on about half the data, kept by
-                    the last loss rank; with ``forward``, the highest-loss half of each 2x batch
+                    default) each epoch after the first trains on about half of every class
+                    (``--no-select-per-class``: half of the data, class-blind), kept by the last
+                    loss rank; with ``forward``, the highest-loss half of each 2x batch
    ``importance``   loss-based importance sampling with unbiasing weights, naive schedule
    ``width``        width chosen by timed probes, naive schedule
    ``auto``         all together, as the planner (pyoptim.budget.plan) chooses them
@@ -79,6 +80,7 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
     out = os.path.join(runs_dir, f"{knobs}-{seconds:.0f}s")
     argv = _argv(a, out) + ["--budget", f"{seconds:.3f}", "--knobs", knobs.replace("+", ","), "--no-epoch-eval",
                             "--min-epochs", str(a.min_epochs), "--select-scores", a.select_scores]
+    argv.append("--select-per-class" if a.select_per_class else "--no-select-per-class")
     print(f"--- {knobs} in {seconds:.1f} s", file=sys.stderr)
     rep = cli.run_training(cli.build_parser().parse_args(argv), progress=not a.quiet)
     b = rep["budget"]
@@ -87,6 +89,7 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
             "end_s": b["end_s"], "elapsed_s": b["elapsed_s"], "within_budget": b["end_s"] <= seconds,
             "steps": b["steps"], "epochs": b["epochs"], "width": rep["final"]["width"],
             "selector": b["selector"], "select_scores": b.get("select_scores"),
+            "select_per_class": a.select_per_class if b.get("select_scores") else None,
             "selected_epochs": b.get("selected_epochs"),
             "knobs_used": b["knobs"], "stop_reason": b["stop_reason"],
             "time_s": b["time_s"], "plan_reasons": plan.get("reasons"),
@@ -142,6 +145,8 @@ def main() -> None:
     ap.add_argument("--min-epochs", type=float, default=3.0)
     ap.add_argument("--select-scores", choices=("stale", "forward"), default="stale",
                     help="where the selectors get their losses (pyoptim train --select-scores)")
+    ap.add_argument("--select-per-class", action=argparse.BooleanOptionalAction, default=True,
+                    help="stale selectors keep every class's share (pyoptim train --select-per-class)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs-dir", default=None)

@@ -126,7 +126,9 @@ def run_training(args, progress: bool = True) -> Dict[str, Any]:
             sched = None                      # the budget-aware schedule sets the LR
         budget_plugin = Budgeted(knobs=knobs, clock=clock, warmup=args.warmup,
                                  ema_decay=args.ema_decay, select_fraction=args.select_fraction,
-                                 select_scores=args.select_scores, epoch_eval=not args.no_epoch_eval, reserve_s=reserve_s,
+                                 select_scores=args.select_scores,
+                                 select_per_class=args.select_per_class,
+                                 epoch_eval=not args.no_epoch_eval, reserve_s=reserve_s,
                                  seed=args.seed)
         plugins.append(budget_plugin)
     prune = None
@@ -633,6 +635,9 @@ def _add_budget_arguments(t) -> None:
                    help="selective/importance: losses kept from the training forwards (stale, no "
                         "extra pass; selection from the second epoch) or a scoring forward over "
                         "each pool (forward)")
+    t.add_argument("--select-per-class", action=argparse.BooleanOptionalAction, default=True,
+                   help="selective/importance with stale scores: keep every class's share of the "
+                        "data, the loss picks which samples of a class, not how many (default on)")
     t.add_argument("--warmup", type=float, default=0.05, help="schedule: warm-up share of the training time")
     t.add_argument("--ema-decay", type=float, default=0.999, help="ema: decay of the weight average")
     t.add_argument("--min-epochs", type=float, default=3.0,

@@ -358,6 +358,75 @@ def test_stale_importance_weights_make_the_epoch_gradient_unbiased():
     assert (((p.unsqueeze(1) * grads).sum(0)) - grads.mean(0)).abs().max() > 1e-3   # unweighted: biased
 
 
+def test_per_class_selection_keeps_each_class_share_and_stays_unbiased():
+    """A class whose samples all rank hard (class 0 here) gets most of a plain selection; with
+    ``per_class`` every class keeps ``fraction`` of its samples (selective) or its share of the
+    probability (importance), the hard samples of each class still favoured, and the importance
+    weights still make the epoch's gradient unbiased (known answer, float64)."""
+    torch.manual_seed(2)
+    n, classes = 2000, 4
+    labels = torch.arange(n) % classes
+    losses = torch.rand(n) + 2.0 * (labels == 0)
+    sc = SampleScores(n)
+    for start in range(0, n, 100):
+        idx = torch.arange(start, start + 100)
+        sc.record(idx, losses[idx], labels[idx])
+    sc.commit()
+    assert torch.equal(sc.label, labels)
+    plain = SelectiveBackprop(0.5).keep_probabilities(sc)
+    assert float(plain[labels == 0].mean()) > 0.7                       # the skew per_class removes
+    sel = SelectiveBackprop(0.5, per_class=True)
+    p = sel.keep_probabilities(sc)
+    for c in range(classes):
+        g = labels == c
+        assert float(p[g].sum()) == pytest.approx(0.5 * int(g.sum()), rel=1e-6)
+        order = torch.argsort(sc.rank[g])
+        assert bool((p[g][order].diff() >= -1e-12).all())              # harder within the class
+    assert "within each class" in sel.describe(stale=True)
+    imp = ImportanceSampling(0.5, smoothing=0.2, per_class=True)
+    q = imp.epoch_probabilities(sc)
+    for c in range(classes):
+        g = labels == c
+        assert float(q[g].sum()) == pytest.approx(float(g.double().mean()), rel=1e-9)
+        torch.testing.assert_close(q[g] / q[g].sum(), importance_probabilities(sc.relative[g].double(), 0.2))
+    idx, w = imp.epoch_order(sc, torch.Generator().manual_seed(0))
+    grads = torch.randn(n, 5, dtype=torch.float64)
+    expectation = (q.unsqueeze(1) * w.double().unsqueeze(1) * grads).sum(0)
+    torch.testing.assert_close(expectation, grads.mean(0), rtol=1e-6, atol=1e-9)
+    drawn = torch.bincount(labels[idx], minlength=classes).double() / idx.numel()
+    assert float((drawn - 0.25).abs().max()) < 0.06
+    # labels travel with the table; a table saved without them loads with unknown classes
+    state = sc.state_dict()
+    other = SampleScores(n)
+    other.load_state_dict(state)
+    assert torch.equal(other.label, labels)
+    old = {k: v for k, v in state.items() if k != "label"}
+    old["pending"] = old["pending"][:3]
+    other.load_state_dict(old)
+    assert bool((other.label == -1).all())
+    with pytest.raises(ValueError, match="labels"):
+        sc.record(torch.tensor([1, 2]), torch.rand(2), torch.tensor([0.5, 1.0]))
+
+
+def test_per_class_selection_in_the_trainer_takes_the_labels_from_the_batches():
+    torch.manual_seed(0)
+    x, targets = synthetic_dataset("train", num_samples=256, num_classes=4, image_size=6,
+                                   in_channels=1, seed=0)
+    train = DeviceLoader(x, targets, 32, device="cpu", augment=True, crop_padding=1, seed=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    b = Budgeted(600, knobs=("selective",), final_eval=False, select_per_class=True)
+    ids = _Ids(b)
+    Trainer(model, opt, train, plugins=[b, ids], max_epochs=3, progress=False, log_every=0).fit()
+    assert torch.equal(b.scores.label.cpu(), targets.long())
+    assert "within each class" in b.result["selector"]
+    for e in (1, 2):
+        got = torch.cat([i for ep, i in ids.steps if ep == e])
+        per_class = torch.bincount(b.scores.label.cpu()[got], minlength=4).double()
+        share = torch.bincount(b.scores.label.cpu(), minlength=4).double() * 0.5
+        assert float((per_class - share).abs().max()) < 4 * math.sqrt(float(share.max()) * 0.25) + 1
+
+
 class _Ids(Plugin):
     """Records (epoch, sample indices) of every step, and the score table at each epoch start."""
 
@@ -701,7 +770,7 @@ def test_plan_explains_every_knob_and_builds_the_plug_in():
     # by default the planner never turns selection on, and says why
     default = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, steps=1, min_params_per_sample=0)
     assert default.knobs == ("schedule",) and default.batch_size == 32
-    assert "lost to uniform batches" in default.reasons["data"]
+    assert "has not beaten uniform batches" in default.reasons["data"]
 
 
 # --------------------------------------------------------------------------------------- DDP

@@ -77,6 +77,8 @@ class _WeightedLoss:
         losses = self.per_sample_loss(out, y)
         if getattr(self.plugin, "_recording", False):
             self.plugin._batch_losses = losses.detach()
+            self.plugin._batch_labels = (y.detach() if isinstance(y, Tensor) and y.dim() == 1
+                                         and not y.is_floating_point() else None)
         w = self.plugin._weights
         if w is None:
             return losses.mean()
@@ -112,6 +114,10 @@ class Budgeted(Plugin):
             no extra pass; needs a loader with ``set_epoch_order`` and ``last_indices``, such as
             :class:`pyoptim.data.DeviceLoader`) or ``"forward"`` (each batch is a pool scored by
             a forward pass without gradients; see :mod:`pyoptim.budget.selection`).
+        select_per_class: stale mode (default on): the selection keeps every class's share of
+            the data (the loss decides which samples of a class are trained on, not how many),
+            from the integer labels of the training batches; off, classes that are hard as a
+            whole take most of each epoch.
         per_sample_loss: ``fn(output, y) -> [n] losses`` for the selectors (default: cross
             entropy with ``reduction="none"`` when the trainer's loss is ``F.cross_entropy``,
             else the trainer's loss called with ``reduction="none"``).
@@ -134,7 +140,8 @@ class Budgeted(Plugin):
                  knobs: Union[str, Iterable[Union[str, Selector]]] = ("schedule",), *,
                  clock: Optional[BudgetClock] = None, warmup: float = 0.05,
                  ema_decay: float = 0.999, select_fraction: float = 0.5,
-                 select_scores: str = "stale", per_sample_loss: Optional[Callable] = None,
+                 select_scores: str = "stale", select_per_class: bool = True,
+                 per_sample_loss: Optional[Callable] = None,
                  final_eval: bool = True,
                  epoch_eval: bool = True, reserve_s: float = 0.0, sync_device: bool = True,
                  seed: int = 0):
@@ -169,7 +176,7 @@ class Budgeted(Plugin):
                 if key in ("none", "naive"):
                     continue
                 try:
-                    sel = make_selector(key, select_fraction, seed)
+                    sel = make_selector(key, select_fraction, seed, per_class=select_per_class)
                 except ValueError:
                     raise ValueError(f"Budgeted: unknown knob {k!r} (knobs: {', '.join(KNOBS)}, or a "
                                      f"Selector)") from None
@@ -512,7 +519,10 @@ class Budgeted(Plugin):
             t0 = time.perf_counter()
             idx = trainer.train_data.last_indices
             if idx is not None and idx.numel() == self._batch_losses.numel():
-                self.scores.record(idx, self._batch_losses)
+                labels = getattr(self, "_batch_labels", None)
+                if labels is not None and labels.numel() != idx.numel():
+                    labels = None
+                self.scores.record(idx, self._batch_losses, labels)
             self._batch_losses = None
             self.time_s["select"] += time.perf_counter() - t0
         if self._bn_frozen is not None:       # another plug-in skipped after_backward

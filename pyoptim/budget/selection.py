@@ -90,12 +90,26 @@ def importance_sample(losses: Tensor, k: int, smoothing: float = 0.2,
     return idx, weights
 
 
+def _scaled_keep(q: Tensor, target: float) -> Tensor:
+    """``min(1, c * q)`` with ``c`` found by bisection so that the sum is ``target`` (``q > 0``)."""
+    lo, hi = 0.0, 1.0 / float(q.min())          # sum(min(1, c q)) rises with c, = len(q) at hi
+    for _ in range(60):
+        c = 0.5 * (lo + hi)
+        if float(torch.clamp(c * q, max=1.0).sum()) < target:
+            lo = c
+        else:
+            hi = c
+    return torch.clamp(hi * q, max=1.0)
+
+
 class SampleScores:
     """Per-sample scores recorded from training forwards, for the stale-loss selectors.
 
     For every recorded batch: ``rank`` = the sample's loss rank within its batch, ``(r + 0.5) / n``
     in ``(0, 1)`` (1 = hardest), and ``relative`` = its loss over the batch's mean loss. A sample
     recorded twice in one epoch (importance sampling draws with replacement) gets the mean.
+    ``label`` = the sample's class when the records carry labels (``-1``: unknown), for the
+    selectors' ``per_class`` mode; give labels with every record or with none.
     Recorded values wait until :meth:`commit` (at an epoch start), which under DDP first sums
     every rank's records, so all ranks hold the same table. Unscored samples are NaN.
     """
@@ -107,19 +121,27 @@ class SampleScores:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self.rank = torch.full((self.num_samples,), float("nan"), device=dev)
         self.relative = torch.full((self.num_samples,), float("nan"), device=dev)
-        self._pending = torch.zeros(3, self.num_samples, device=dev)   # rank sum, relative sum, count
+        self.label = torch.full((self.num_samples,), -1, dtype=torch.int64, device=dev)
+        # rank sum, relative sum, count, (label + 1) sum
+        self._pending = torch.zeros(4, self.num_samples, device=dev)
 
     @property
     def device(self) -> torch.device:
         return self.rank.device
 
-    def record(self, indices: Tensor, losses: Tensor) -> None:
-        """Keeps one batch's per-sample ``losses`` for the samples ``indices``."""
+    def record(self, indices: Tensor, losses: Tensor, labels: Optional[Tensor] = None) -> None:
+        """Keeps one batch's per-sample ``losses`` (and class ``labels``, integers >= 0, if
+        given) for the samples ``indices``."""
         losses = losses.detach().reshape(-1).float()
         indices = torch.as_tensor(indices).reshape(-1)
         n = losses.numel()
         if indices.numel() != n:
             raise ValueError(f"SampleScores.record: {indices.numel()} indices for {n} losses")
+        if labels is not None:
+            labels = torch.as_tensor(labels).reshape(-1)
+            if labels.numel() != n or labels.is_floating_point() or labels.is_complex():
+                raise ValueError(f"SampleScores.record: labels must be {n} integer class indices, got "
+                                 f"{labels.numel()} of {labels.dtype}")
         if n == 0:
             return
         # no host synchronisation: this runs after every training step
@@ -129,7 +151,9 @@ class SampleScores:
         rank[torch.argsort(losses)] = (torch.arange(n, device=self.device, dtype=losses.dtype) + 0.5) / n
         mean = losses.mean()
         rel = torch.where(mean > 0, losses / mean.clamp_min(1e-30), torch.ones_like(losses))
-        vals = torch.stack([rank, rel, torch.ones_like(rank)])
+        lab = (labels.to(self.device, losses.dtype) + 1.0 if labels is not None
+               else torch.zeros_like(losses))
+        vals = torch.stack([rank, rel, torch.ones_like(rank), lab])
         # a diverged step (a non-finite loss) scores nothing
         vals = torch.where(torch.isfinite(losses).all(), vals, torch.zeros_like(vals))
         self._pending.index_add_(1, indices, vals)
@@ -147,11 +171,14 @@ class SampleScores:
         count = pending[2].clamp_min(1)
         self.rank = torch.where(seen, pending[0] / count, self.rank)
         self.relative = torch.where(seen, pending[1] / count, self.relative)
+        label = torch.round(pending[3] / count).to(torch.int64) - 1
+        self.label = torch.where(seen & (pending[3] > 0), label, self.label)
         self._pending = torch.zeros_like(self._pending)
         return int(seen.sum())
 
     def to(self, device: Union[str, torch.device]) -> "SampleScores":
         self.rank, self.relative = self.rank.to(device), self.relative.to(device)
+        self.label = self.label.to(device)
         self._pending = self._pending.to(device)
         return self
 
@@ -161,7 +188,7 @@ class SampleScores:
 
     def state_dict(self) -> dict:
         return {"rank": self.rank.cpu(), "relative": self.relative.cpu(),
-                "pending": self._pending.cpu()}
+                "label": self.label.cpu(), "pending": self._pending.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         rank = torch.as_tensor(state["rank"])
@@ -170,7 +197,13 @@ class SampleScores:
                              f"one {self.num_samples}")
         self.rank = rank.to(self.device, torch.float32)
         self.relative = torch.as_tensor(state["relative"]).to(self.device, torch.float32)
-        self._pending = torch.as_tensor(state["pending"]).to(self.device, torch.float32)
+        label = state.get("label")
+        self.label = (torch.as_tensor(label).to(self.device, torch.int64) if label is not None
+                      else torch.full_like(self.label, -1))
+        pending = torch.as_tensor(state["pending"]).to(self.device, torch.float32)
+        if pending.shape[0] == 3:        # a table saved before labels were kept
+            pending = torch.cat([pending, torch.zeros_like(pending[:1])])
+        self._pending = pending
 
 
 class freeze_batchnorm_stats:
@@ -277,12 +310,13 @@ class SelectiveBackprop(Selector):
     name = "selective"
     needs_scores = True
 
-    def __init__(self, fraction: float = 0.5, smoothing: float = 0.2):
+    def __init__(self, fraction: float = 0.5, smoothing: float = 0.2, per_class: bool = False):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"SelectiveBackprop: fraction must be in (0, 1], got {fraction}")
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"SelectiveBackprop: smoothing must be in [0, 1], got {smoothing}")
         self.fraction, self.smoothing = float(fraction), float(smoothing)
+        self.per_class = bool(per_class)
 
     def pick(self, losses, step):
         return select_highest_loss(losses, self.num_selected(losses.numel())), None
@@ -298,25 +332,27 @@ class SelectiveBackprop(Selector):
         percentile. The scaling keeps the share at ``fraction`` epoch after epoch (a skipped
         sample keeps its old, low rank, so the plain rule would keep fewer every epoch), and the
         uniform share ``smoothing`` gives every sample a chance of at least about
-        ``smoothing * fraction`` per epoch to be seen and scored again."""
+        ``smoothing * fraction`` per epoch to be seen and scored again.
+
+        ``per_class``: the rule runs within each class (``scores.label``; samples of unknown
+        class form one group), so every class keeps ``fraction`` of its scored samples and the
+        class mix of an epoch stays that of the data; only *which* samples of a class are
+        trained on follows the loss."""
         beta = 1.0 / self.fraction - 1.0
         rank = scores.rank.detach().to("cpu", torch.float64)
         scored = torch.isfinite(rank)
         p = torch.ones_like(rank)
-        m = int(scored.sum())
-        if m == 0:
+        if int(scored.sum()) == 0:
             return p
-        w = rank[scored].clamp(1e-6, 1.0) ** beta
-        q = (1.0 - self.smoothing) * w / w.mean() + self.smoothing
-        target = self.fraction * m
-        lo, hi = 0.0, 1.0 / float(q.min())          # sum(min(1, c q)) rises with c, = m at hi
-        for _ in range(60):
-            c = 0.5 * (lo + hi)
-            if float(torch.clamp(c * q, max=1.0).sum()) < target:
-                lo = c
-            else:
-                hi = c
-        p[scored] = torch.clamp(hi * q, max=1.0)
+        if self.per_class:
+            label = scores.label.detach().cpu()
+            groups = [scored & (label == c) for c in torch.unique(label[scored]).tolist()]
+        else:
+            groups = [scored]
+        for g in groups:
+            w = rank[g].clamp(1e-6, 1.0) ** beta
+            q = (1.0 - self.smoothing) * w / w.mean() + self.smoothing
+            p[g] = _scaled_keep(q, self.fraction * int(g.sum()))
         return p
 
     def epoch_order(self, scores, generator):
@@ -333,7 +369,8 @@ class SelectiveBackprop(Selector):
         if stale:
             return (f"selective backprop from stale losses (each epoch after the first trains on "
                     f"about {self.fraction:g} of the data, kept with a probability that grows "
-                    f"with the last in-batch loss rank; uniform share {self.smoothing:g})")
+                    f"with the last in-batch loss rank{', within each class' if self.per_class else ''}; "
+                    f"uniform share {self.smoothing:g})")
         return (f"selective backprop (highest-loss {self.fraction:g} of each batch, scored by a "
                 f"forward pass)")
 
@@ -347,12 +384,14 @@ class ImportanceSampling(Selector):
     needs_scores = True
     weighted = True
 
-    def __init__(self, fraction: float = 0.5, smoothing: float = 0.2, seed: int = 0):
+    def __init__(self, fraction: float = 0.5, smoothing: float = 0.2, seed: int = 0,
+                 per_class: bool = False):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"ImportanceSampling: fraction must be in (0, 1], got {fraction}")
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"ImportanceSampling: smoothing must be in [0, 1], got {smoothing}")
         self.fraction, self.smoothing, self.seed = float(fraction), float(smoothing), int(seed)
+        self.per_class = bool(per_class)
 
     def pick(self, losses, step):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2 ** 63))
@@ -360,10 +399,21 @@ class ImportanceSampling(Selector):
 
     def epoch_probabilities(self, scores: SampleScores) -> Tensor:
         """Stale mode: :func:`importance_probabilities` of each sample's relative loss (its
-        loss over its batch's mean; an unscored sample counts as average, 1)."""
+        loss over its batch's mean; an unscored sample counts as average, 1). ``per_class``:
+        each class (``scores.label``; unknown ones form one group) gets its share of the data
+        as its total probability, spread over its samples by relative loss, so the draws keep
+        the class mix and the weights ``1 / (N p_i)`` still unbias the epoch."""
         rel = scores.relative.detach().to("cpu", torch.float64)
         rel = torch.where(torch.isfinite(rel), rel, torch.ones_like(rel))
-        return importance_probabilities(rel, self.smoothing)
+        if not self.per_class:
+            return importance_probabilities(rel, self.smoothing)
+        label = scores.label.detach().cpu()
+        p = torch.empty_like(rel)
+        n = rel.numel()
+        for c in torch.unique(label).tolist():
+            g = label == c
+            p[g] = importance_probabilities(rel[g], self.smoothing) * (int(g.sum()) / n)
+        return p / p.sum()
 
     def epoch_order(self, scores, generator):
         if scores.num_scored == 0:
@@ -376,19 +426,21 @@ class ImportanceSampling(Selector):
     def describe(self, stale: bool = False) -> str:
         if stale:
             return (f"importance sampling from stale losses (each epoch after the first draws "
-                    f"{self.fraction:g} x the data set by relative loss, smoothing "
+                    f"{self.fraction:g} x the data set by relative loss"
+                    f"{', class shares kept' if self.per_class else ''}, smoothing "
                     f"{self.smoothing:g}, unbiased weights)")
         return (f"importance sampling ({self.fraction:g} of each batch drawn by loss, scored by a "
                 f"forward pass, smoothing {self.smoothing:g}, unbiased weights)")
 
 
-def make_selector(name: str, fraction: float = 0.5, seed: int = 0) -> Selector:
-    """``"uniform"``, ``"selective"`` (or ``"selective-backprop"``) or ``"importance"``."""
+def make_selector(name: str, fraction: float = 0.5, seed: int = 0, per_class: bool = False) -> Selector:
+    """``"uniform"``, ``"selective"`` (or ``"selective-backprop"``) or ``"importance"``
+    (``per_class``: the stale-loss selection keeps each class's share of the data)."""
     key = name.lower().replace("_", "-")
     if key == "uniform":
         return UniformSelection()
     if key in ("selective", "selective-backprop"):
-        return SelectiveBackprop(fraction)
+        return SelectiveBackprop(fraction, per_class=per_class)
     if key in ("importance", "importance-sampling"):
-        return ImportanceSampling(fraction, seed=seed)
+        return ImportanceSampling(fraction, seed=seed, per_class=per_class)
     raise ValueError(f"unknown sample selector {name!r} (uniform, selective, importance)")

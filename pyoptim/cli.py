@@ -170,8 +170,7 @@ def run_training(args, progress: bool = True) -> Dict[str, Any]:
 
     plugins.append(Recorder())
     layers0 = _layer_channels(model)          # before training: reconfigure resizes in place
-    flops0 = _flops_per_sample(model, example)
-    fwd0 = _flops(model, example)[0] / example.shape[0]
+    fwd0, flops0 = (f / example.shape[0] for f in _flops(model, example))   # one count (in the budget)
     if printer and budget_plugin is None:
         printer.state.update(channels=sum(_layer_channels(model).values()), flops=flops0)
     os.makedirs(args.out, exist_ok=True)

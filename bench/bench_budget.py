@@ -92,7 +92,8 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
             "select_per_class": a.select_per_class if b.get("select_scores") else None,
             "selected_epochs": b.get("selected_epochs"),
             "knobs_used": b["knobs"], "stop_reason": b["stop_reason"],
-            "time_s": b["time_s"], "plan_reasons": plan.get("reasons"),
+            "time_s": b["time_s"], "steal_s": b.get("steal_s"), "steal_share": b.get("steal_share"),
+            "plan_reasons": plan.get("reasons"),
             "width_probes": (plan.get("width_choice") or {}).get("probes")}
 
 

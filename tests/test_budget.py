@@ -3,6 +3,7 @@ sample selectors (what they pick, unbiased importance weights), width probes, th
 and the command line."""
 import json
 import math
+import os
 import time
 import warnings
 
@@ -16,6 +17,7 @@ from pyoptim.budget import (BudgetClock, Budgeted, ImportanceSampling, SampleSco
                             WeightEMA, budget_lr_factor, choose_width, count_parameters, format_duration,
                             importance_probabilities, importance_sample, parse_duration, plan,
                             probe_widths, select_highest_loss)
+from pyoptim.budget.clock import machine_steal_seconds
 from pyoptim.budget.plugin import _WeightedLoss
 from pyoptim.budget.selection import freeze_batchnorm_stats
 from pyoptim.data import DeviceLoader, synthetic_dataset
@@ -60,6 +62,18 @@ def test_clock_counts_from_its_start_and_resumes():
 
 
 # ------------------------------------------------------------------------------------ schedule
+def test_machine_steal_time_is_read_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  8561233 49 321629 4379128 46528 0 4841 423499 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert machine_steal_seconds(str(stat)) == pytest.approx(423499 / os.sysconf("SC_CLK_TCK"))
+    stat.write_text("cpu  1 2 3\n")                     # no steal column
+    assert machine_steal_seconds(str(stat)) is None
+    assert machine_steal_seconds(str(tmp_path / "missing")) is None
+    c = BudgetClock(5)
+    s = c.stolen()
+    assert s is None or s >= 0.0
+
+
 def test_budget_lr_factor_warms_up_then_decays_to_zero():
     assert budget_lr_factor(0.0, 0.1) == 0.0
     assert budget_lr_factor(0.05, 0.1) == pytest.approx(0.5)
@@ -420,6 +434,7 @@ def test_per_class_selection_in_the_trainer_takes_the_labels_from_the_batches():
     Trainer(model, opt, train, plugins=[b, ids], max_epochs=3, progress=False, log_every=0).fit()
     assert torch.equal(b.scores.label.cpu(), targets.long())
     assert "within each class" in b.result["selector"]
+    assert b.result["steal_s"] is None or (b.result["steal_s"] >= 0 and 0 <= b.result["steal_share"] <= 1)
     for e in (1, 2):
         got = torch.cat([i for ep, i in ids.steps if ep == e])
         per_class = torch.bincount(b.scores.label.cpu()[got], minlength=4).double()

@@ -15,7 +15,7 @@
 
 See docs/budget.md.
 """
-from .clock import BudgetClock, format_duration, parse_duration
+from .clock import BudgetClock, format_duration, machine_steal_seconds, parse_duration
 from .planner import Plan, plan
 from .plugin import KNOBS, SELECT_SCORES, Budgeted
 from .schedule import WeightEMA, budget_lr_factor
@@ -26,6 +26,7 @@ from .width import DEFAULT_WIDTHS, WidthChoice, choose_width, count_parameters, 
 
 __all__ = [
     "Budgeted", "KNOBS", "SELECT_SCORES", "BudgetClock", "parse_duration", "format_duration",
+    "machine_steal_seconds",
     "budget_lr_factor", "WeightEMA",
     "Selector", "UniformSelection", "SelectiveBackprop", "ImportanceSampling", "make_selector",
     "SampleScores",

@@ -6,7 +6,7 @@ import re
 import time
 from typing import Optional, Union
 
-__all__ = ["BudgetClock", "parse_duration", "format_duration", "synchronize"]
+__all__ = ["BudgetClock", "parse_duration", "format_duration", "synchronize", "machine_steal_seconds"]
 
 _UNITS = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|sec|min|hr|s|m|h)?", re.IGNORECASE)
@@ -53,6 +53,22 @@ def synchronize(device) -> None:
             acc.synchronize(device)
 
 
+def machine_steal_seconds(path: str = "/proc/stat") -> Optional[float]:
+    """CPU seconds the hypervisor took from this virtual machine since it booted, summed over
+    its CPUs (the ``steal`` column of ``/proc/stat``'s ``cpu`` line); ``None`` where the file or
+    the column is missing (not Linux, an old kernel). On a shared cloud CPU the steal time is
+    what makes the same run slower one time than the next."""
+    try:
+        with open(path) as f:
+            line = f.readline().split()
+        if not line or line[0] != "cpu" or len(line) < 9:
+            return None
+        import os
+        return int(line[8]) / float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def format_duration(seconds: float) -> str:
     """``75.3 -> "1m15s"``, ``9.5 -> "9.5s"``, ``3600 -> "1h00m"``."""
     seconds = max(float(seconds), 0.0)
@@ -71,11 +87,21 @@ class BudgetClock:
     It starts when it is created (or at ``start``, a ``perf_counter`` value), so create it
     *before* the work the budget must cover (loading data, building the model, compiling). Every
     part of pyoptim's budgeted training reads this one clock; a resumed run carries the seconds
-    already spent (:meth:`resume_after`)."""
+    already spent (:meth:`resume_after`). :meth:`stolen` says how much CPU time the hypervisor
+    took from the machine since then (steal time, Linux)."""
 
     def __init__(self, seconds: Union[str, float], start: Optional[float] = None):
         self.seconds = parse_duration(seconds)
         self.start = time.perf_counter() if start is None else float(start)
+        self._steal0 = machine_steal_seconds()
+
+    def stolen(self) -> Optional[float]:
+        """CPU seconds stolen from this machine (all its CPUs) since the clock was created, or
+        ``None`` where the machine does not report it."""
+        now = machine_steal_seconds()
+        if now is None or self._steal0 is None:
+            return None
+        return max(now - self._steal0, 0.0)
 
     @property
     def deadline(self) -> float:

@@ -18,6 +18,7 @@ ranks take the same decision at the same step and use the same learning rate.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections import deque
@@ -636,6 +637,7 @@ class Budgeted(Plugin):
         running = trainer.running_metrics() if trainer._acc_count else {}
         n = getattr(trainer.train_data, "num_samples", None)
         samples = trainer.samples_seen * trainer.world_size
+        steal = self.clock.stolen() if hasattr(self.clock, "stolen") else None
         self.result = {
             "budget_s": self.clock.seconds,
             "elapsed_s": elapsed,
@@ -657,6 +659,12 @@ class Budgeted(Plugin):
             "final_eval": final,
             "final_accuracy": final.get("accuracy") if final else None,
             "train_loss_running": running.get("loss"),
+            # CPU seconds the hypervisor took from the machine during the run (all CPUs;
+            # None where not reported), and that over the run's CPU-seconds: a run with a
+            # large share made fewer steps than the same run on a quiet machine
+            "steal_s": steal,
+            "steal_share": (steal / (elapsed * (os.cpu_count() or 1))
+                            if steal is not None and elapsed > 0 else None),
         }
 
     # ---------------------------------------------------------------------------------- state

@@ -83,8 +83,8 @@ def plan(model_fn: Callable[[float], nn.Module], data, seconds: Optional[float] 
     * **schedule**: the budget-aware linear warm-up + decay to zero (always: it is what lets a
       run that stops at any moment end annealed).
     * **averaging**: off — with the LR decayed linearly to zero the last iterates are already
-      averaged (Li et al., 2020); measured, the EMA gained +0.45 points at 1/20 (six runs against
-      nine) and +0.13 at 1/10 (three seeds), within the spread, for 2.5% of the steps.
+      averaged (Li et al., 2020); measured, the EMA gained +0.54 points at 1/20 (six runs against
+      fifteen) and +0.13 at 1/10 (three seeds), within the spread, for 2.5% of the steps.
 
     ``batch_size`` (default: the loader's) is the batch trained on per step."""
     t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from typing import Optional, Union
@@ -63,7 +64,6 @@ def machine_steal_seconds(path: str = "/proc/stat") -> Optional[float]:
             line = f.readline().split()
         if not line or line[0] != "cpu" or len(line) < 9:
             return None
-        import os
         return int(line[8]) / float(os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, AttributeError):
         return None

@@ -225,6 +225,7 @@ class Budgeted(Plugin):
         self.scores: Optional[SampleScores] = None      # stale mode: per-sample loss ranks
         self._weight_table: Optional[Tensor] = None     # stale importance: weight per sample
         self._batch_losses: Optional[Tensor] = None
+        self._batch_labels: Optional[Tensor] = None
         self._selected_epochs: List[Dict[str, Any]] = []
         self._fraction = 0.0                          # share of the training time spent
         self._orig_loss: Optional[Callable] = None
@@ -520,11 +521,11 @@ class Budgeted(Plugin):
             t0 = time.perf_counter()
             idx = trainer.train_data.last_indices
             if idx is not None and idx.numel() == self._batch_losses.numel():
-                labels = getattr(self, "_batch_labels", None)
+                labels = self._batch_labels
                 if labels is not None and labels.numel() != idx.numel():
                     labels = None
                 self.scores.record(idx, self._batch_losses, labels)
-            self._batch_losses = None
+            self._batch_losses = self._batch_labels = None
             self.time_s["select"] += time.perf_counter() - t0
         if self._bn_frozen is not None:       # another plug-in skipped after_backward
             self._bn_frozen.release()
@@ -637,7 +638,7 @@ class Budgeted(Plugin):
         running = trainer.running_metrics() if trainer._acc_count else {}
         n = getattr(trainer.train_data, "num_samples", None)
         samples = trainer.samples_seen * trainer.world_size
-        steal = self.clock.stolen() if hasattr(self.clock, "stolen") else None
+        steal = self.clock.stolen()
         self.result = {
             "budget_s": self.clock.seconds,
             "elapsed_s": elapsed,

@@ -15,6 +15,7 @@
    ``importance``   loss-based importance sampling with unbiasing weights, naive schedule
    ``width``        width chosen by timed probes, naive schedule
    ``auto``         all together, as the planner (pyoptim.budget.plan) chooses them
+   ``noaug``        no random crops or flips (``--augment-until 0``), naive schedule
 
    and any combination joined by ``+`` (``schedule+selective``: a selector with the budget-aware
    LR, against ``schedule`` alone = uniform batches at equal time).
@@ -48,7 +49,7 @@ import utils as bu  # noqa: E402
 from pyoptim import cli  # noqa: E402
 
 CONFIGS = ("none", "schedule", "selective", "importance", "width", "auto")
-KNOB_NAMES = CONFIGS + ("ema", "uniform")
+KNOB_NAMES = CONFIGS + ("ema", "uniform", "noaug")
 
 
 def _argv(a, out: str) -> list:
@@ -78,8 +79,13 @@ def full_run(a, runs_dir: str) -> dict:
 
 def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
     out = os.path.join(runs_dir, f"{knobs}-{seconds:.0f}s")
-    argv = _argv(a, out) + ["--budget", f"{seconds:.3f}", "--knobs", knobs.replace("+", ","), "--no-epoch-eval",
+    parts = knobs.split("+")
+    noaug = "noaug" in parts                  # not a knob of Budgeted: its augment_until=0
+    knob_list = ",".join(k for k in parts if k != "noaug") or "none"
+    argv = _argv(a, out) + ["--budget", f"{seconds:.3f}", "--knobs", knob_list, "--no-epoch-eval",
                             "--min-epochs", str(a.min_epochs), "--select-scores", a.select_scores]
+    if noaug:
+        argv += ["--augment-until", "0"]
     argv.append("--select-per-class" if a.select_per_class else "--no-select-per-class")
     print(f"--- {knobs} in {seconds:.1f} s", file=sys.stderr)
     rep = cli.run_training(cli.build_parser().parse_args(argv), progress=not a.quiet)
@@ -92,6 +98,7 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
             "select_per_class": a.select_per_class if b.get("select_scores") else None,
             "selected_epochs": b.get("selected_epochs"),
             "knobs_used": b["knobs"], "stop_reason": b["stop_reason"],
+            "augment_until": b.get("augment_until"),
             "time_s": b["time_s"], "steal_s": b.get("steal_s"), "steal_share": b.get("steal_share"),
             "plan_reasons": plan.get("reasons"),
             "width_probes": (plan.get("width_choice") or {}).get("probes")}

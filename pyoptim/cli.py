@@ -112,8 +112,13 @@ def run_training(args, progress: bool = True) -> Dict[str, Any]:
     width, plan_info, budget_plugin = _parse_width(args.width), None, None
     if width == "auto" and clock is None:
         raise SystemExit("pyoptim: --width auto chooses the width for a budget: give --budget too")
+    augment_until = getattr(args, "augment_until", None)
+    if augment_until is not None and clock is None:
+        raise SystemExit("pyoptim: --augment-until is a share of the budget's training time: give --budget too")
     if clock is not None:
         width, knobs, plan_info = _budget_setup(args, clock, knobs, width, train, spec, device)
+        if augment_until is None and plan_info is not None:
+            augment_until = plan_info.get("augment_until")
     model = _build_model(args.model, spec.num_classes, spec.in_channels, width).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
                           nesterov=True)
@@ -129,7 +134,7 @@ def run_training(args, progress: bool = True) -> Dict[str, Any]:
                                  select_scores=args.select_scores,
                                  select_per_class=args.select_per_class,
                                  epoch_eval=not args.no_epoch_eval, reserve_s=reserve_s,
-                                 seed=args.seed)
+                                 seed=args.seed, augment_until=augment_until)
         plugins.append(budget_plugin)
     prune = None
     if args.method == "prunetrain":
@@ -311,7 +316,7 @@ def _budget_setup(args, clock, knobs, width, train, spec, device):
         p = plan(model_fn, train, clock=clock, batch_size=args.batch_size,
                  min_epochs=args.min_epochs, min_params_per_sample=args.min_params_per_sample,
                  select_fraction=args.select_fraction, select_scores=args.select_scores,
-                 warmup=args.warmup)
+                 warmup=args.warmup, augment_max_epochs=getattr(args, "augment_max_epochs", 12.0) or None)
         info = p.as_dict()
         print(p.explain(), file=sys.stderr)
         knobs = [k for k in knobs if k not in ("auto", "width")] + [k for k in p.knobs if k not in knobs]
@@ -643,6 +648,13 @@ def _add_budget_arguments(t) -> None:
                    help="width/auto: the widest width making at least this many passes is chosen")
     t.add_argument("--min-params-per-sample", type=float, default=1.0,
                    help="width/auto: never a width with fewer parameters per training sample (0: off)")
+    t.add_argument("--augment-until", type=float, default=None, metavar="SHARE",
+                   help="budgeted runs: random crops and flips only during this share of the training "
+                        "time (0: never; default: the loader's augmentation, or the planner's choice "
+                        "with --knobs auto)")
+    t.add_argument("--augment-max-epochs", type=float, default=12.0,
+                   help="auto: the planner turns augmentation off when the chosen width makes fewer "
+                        "passes than this (0: never turns it off)")
     t.add_argument("--no-epoch-eval", action="store_true",
                    help="budgeted runs: evaluate only at the end (epoch-end evaluations cost budget)")
 

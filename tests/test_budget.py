@@ -574,15 +574,15 @@ def test_stale_selection_resumes_exactly_from_a_checkpoint_inside_a_selected_epo
 
 
 # ------------------------------------------------------------------------------ the budget run
-def _budget_run(seconds, knobs=("schedule",), width=0.25, **kw):
+def _budget_run(seconds, knobs=("schedule",), width=0.25, extra_plugins=(), **kw):
     clock = BudgetClock(seconds)             # before the data and the model: they are counted
     torch.manual_seed(0)
     train, test = _loaders(n_train=2048, n_test=512, batch=32, image=12)
     model = resnet20(num_classes=4, in_channels=1, width=width)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     b = Budgeted(knobs=knobs, clock=clock, **kw)
-    t = Trainer(model, opt, train, eval_data=test, plugins=[b], max_epochs=None, progress=False,
-                log_every=0)
+    t = Trainer(model, opt, train, eval_data=test, plugins=[b, *extra_plugins], max_epochs=None,
+                progress=False, log_every=0)
     t.fit()
     return b, t, clock.elapsed()
 
@@ -771,7 +771,7 @@ def test_plan_explains_every_knob_and_builds_the_plug_in():
     roomy = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, select_min_epochs=3.0, steps=1,
                  min_params_per_sample=0, select_scores="forward")
     assert roomy.width == 0.5 and "selective" in roomy.knobs and roomy.batch_size == 64
-    assert set(roomy.reasons) == {"model", "data", "schedule", "averaging"}
+    assert set(roomy.reasons) == {"model", "data", "augmentation", "schedule", "averaging"}
     text = roomy.explain()
     assert "model:" in text and "selective backprop" in text
     b = roomy.budgeted()
@@ -788,6 +788,65 @@ def test_plan_explains_every_knob_and_builds_the_plug_in():
     default = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, steps=1, min_params_per_sample=0)
     assert default.knobs == ("schedule",) and default.batch_size == 32
     assert "has not beaten uniform batches" in default.reasons["data"]
+
+
+def test_plan_turns_augmentation_off_for_few_passes():
+    train, _ = _loaders(n_train=320, batch=32, image=6)
+    few = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, steps=1, min_params_per_sample=0,
+               augment_max_epochs=1e9)
+    assert few.augment_until == 0.0 and few.as_dict()["augment_until"] == 0.0
+    assert "off" in few.reasons["augmentation"] and "augmentation:" in few.explain()
+    assert few.budgeted().augment_until == 0.0
+    many = plan(_Slow, train, 20.0, widths=(0.25, 0.5), min_epochs=2.0, steps=1, min_params_per_sample=0,
+                augment_max_epochs=0.5)
+    assert many.augment_until is None and many.budgeted().augment_until is None
+    assert "as the loader has it" in many.reasons["augmentation"]
+    never = plan(_Slow, train, 20.0, widths=(0.25,), steps=1, min_params_per_sample=0, augment_max_epochs=None)
+    assert never.augment_until is None
+
+
+class _AugmentSeen(Plugin):
+    name = "augment_seen"
+
+    def __init__(self):
+        self.seen = []
+
+    def before_step(self, trainer, step, x, y):
+        self.seen.append(trainer.train_data.augment)
+
+
+def test_augmentation_is_switched_off_at_its_share_of_the_training_time():
+    seen = _AugmentSeen()
+    b, t, end = _budget_run(5, augment_until=0.5, extra_plugins=[seen])
+    assert end <= 5 and b.result["augment_until"] == 0.5
+    events = b.result["augment_events"]
+    assert len(events) == 1 and events[0]["augment"] is False and events[0]["fraction"] >= 0.5
+    assert t.train_data.augment is False
+    # Budgeted runs first: from its switch on, every step saw the loader without augmentation
+    k = events[0]["step"]
+    assert all(seen.seen[:k]) and not any(seen.seen[k:]) and 0 < k < len(seen.seen)
+    assert b.state_dict()["augment_events"] == events
+
+
+def test_augmentation_off_from_the_first_batch_and_bad_arguments():
+    seen = _AugmentSeen()
+    b, t, _ = _budget_run(3, augment_until=0.0, extra_plugins=[seen])
+    assert seen.seen and not any(seen.seen) and b.result["augment_events"] == []
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="augment_until"):
+            Budgeted(5, augment_until=bad)
+
+    class Plain:            # a loader without an augment switch
+        batch_size = 4
+
+        def __iter__(self):
+            return iter([(torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long))])
+
+    model = resnet20(num_classes=4, in_channels=1, width=0.25)
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), Plain(),
+                plugins=[Budgeted(5, augment_until=0.5)], max_epochs=None, progress=False, log_every=0)
+    with pytest.raises(ValueError, match="augment_until needs a training loader"):
+        t.fit()
 
 
 # --------------------------------------------------------------------------------------- DDP
@@ -875,6 +934,17 @@ def test_cli_train_with_a_budget_writes_the_report_and_picture(tmp_path, capsys)
     assert rep["history"] == [] or rep["history"][0]["batch_size"] == 64
     assert cli.main(["report", str(out)]) == 0
     assert "budget" in capsys.readouterr().out
+
+
+def test_cli_augment_until_needs_a_budget_and_reaches_the_plug_in(tmp_path):
+    with pytest.raises(SystemExit, match="--augment-until"):
+        cli.main(["train", *_cli_args(tmp_path), "--epochs", "1", "--augment-until", "0",
+                  "--out", str(tmp_path / "x")])
+    out = tmp_path / "run"
+    assert cli.main(["train", *_cli_args(tmp_path), "--budget", "5s", "--augment-until", "0",
+                     "--out", str(out)]) == 0
+    b = json.loads((out / "report.json").read_text())["budget"]
+    assert b["augment_until"] == 0.0 and b["end_s"] <= 5
 
 
 def test_cli_sweep_draws_accuracy_against_budget(tmp_path):

@@ -30,6 +30,7 @@ class Plan:
     select_scores: str = "stale"
     reasons: Dict[str, str] = field(default_factory=dict)
     probe_seconds: float = 0.0
+    augment_until: Optional[float] = None
 
     def budgeted(self, clock: Optional[BudgetClock] = None, **kwargs):
         """The :class:`~pyoptim.budget.Budgeted` plug-in with this plan's knobs (``kwargs`` go to
@@ -38,6 +39,7 @@ class Plan:
         kwargs.setdefault("warmup", self.warmup)
         kwargs.setdefault("select_fraction", self.select_fraction)
         kwargs.setdefault("select_scores", self.select_scores)
+        kwargs.setdefault("augment_until", self.augment_until)
         if clock is None:
             return Budgeted(self.seconds, self.knobs, **kwargs)
         return Budgeted(knobs=self.knobs, clock=clock, **kwargs)
@@ -45,7 +47,7 @@ class Plan:
     def explain(self) -> str:
         lines = [f"plan for a {format_duration(self.seconds)} budget "
                  f"(probes took {self.probe_seconds:.1f} s of it):"]
-        for k in ("model", "data", "schedule", "averaging"):
+        for k in ("model", "data", "augmentation", "schedule", "averaging"):
             if k in self.reasons:
                 lines.append(f"  {k}: {self.reasons[k]}")
         return "\n".join(lines)
@@ -53,7 +55,7 @@ class Plan:
     def as_dict(self) -> Dict[str, Any]:
         return {"seconds": self.seconds, "width": self.width, "knobs": list(self.knobs),
                 "select_fraction": self.select_fraction, "select_scores": self.select_scores,
-                "batch_size": self.batch_size,
+                "batch_size": self.batch_size, "augment_until": self.augment_until,
                 "warmup": self.warmup, "width_choice": self.width_choice.as_dict(),
                 "reasons": dict(self.reasons), "probe_seconds": self.probe_seconds}
 
@@ -63,7 +65,7 @@ def plan(model_fn: Callable[[float], nn.Module], data, seconds: Optional[float] 
          min_epochs: float = 3.0, min_params_per_sample: float = 1.0,
          select_min_epochs: Optional[float] = None, select_fraction: float = 0.5,
          select_scores: str = "stale", warmup: float = 0.05, batch_size: Optional[int] = None, steps: int = 3,
-         loss_fn: Callable = F.cross_entropy) -> Plan:
+         loss_fn: Callable = F.cross_entropy, augment_max_epochs: Optional[float] = 12.0) -> Plan:
     """Chooses the knobs for training ``model_fn(width)`` on ``data`` (the training loader) in
     ``seconds`` (or the time left on ``clock``):
 
@@ -80,6 +82,14 @@ def plan(model_fn: Callable[[float], nn.Module], data, seconds: Optional[float] 
       images are largely the look-alike shirt / T-shirt / pullover / coat ones); with each class
       keeping its share (the default) it is at par, +1.9 / -1.7 / -0.5 points at 1/2, 1/5,
       1/10 of the full run, within the run-to-run spread.
+    * **augmentation**: off (``augment_until=0``) when the chosen width makes fewer than
+      ``augment_max_epochs`` passes, else the loader is left as it is (``None`` turns the rule
+      off). A model that sees the data a few times is still under-fitting, and random crops and
+      flips only slow its fit: measured (Fashion-MNIST 12k, ResNet-18 width 0.25, 1/20 of the full
+      run, about 4 passes) 85.8% without against 82.8% with augmentation, three seeds each; the
+      full 12-pass run itself gave 86.1% without and 85.8% with; the plan with the rule reached
+      87.0% at 1/20 and 87.2% at 1/10 (three seeds each). Beyond 12 passes it is not measured,
+      so augmentation stays as the recipe has it.
     * **schedule**: the budget-aware linear warm-up + decay to zero (always: it is what lets a
       run that stops at any moment end annealed).
     * **averaging**: off — with the LR decayed linearly to zero the last iterates are already
@@ -133,6 +143,17 @@ def plan(model_fn: Callable[[float], nn.Module], data, seconds: Optional[float] 
         reasons["data"] = (f"uniform batches: width {wc.width:g} makes {epochs:.2f} passes "
                            f"(< {select_min_epochs:g}), so every sample is still new and skipping "
                            f"backward passes would throw data away")
+    augment_until = None
+    if augment_max_epochs is not None and epochs < augment_max_epochs:
+        augment_until = 0.0
+        reasons["augmentation"] = (f"off: width {wc.width:g} makes {epochs:.1f} passes (< "
+                                   f"{augment_max_epochs:g}), too few for the model to over-fit, and "
+                                   f"random crops and flips slow its fit (measured +3.0 points without "
+                                   f"them at about 4 passes)")
+    else:
+        reasons["augmentation"] = (f"as the loader has it: width {wc.width:g} makes {epochs:.1f} passes"
+                                   + (f" (>= {augment_max_epochs:g})" if augment_max_epochs is not None
+                                      else ""))
     reasons["schedule"] = (f"linear warm-up over {warmup:.0%} of the training time, then linear decay "
                            f"to zero when the time runs out (keyed to seconds, not epochs)")
     reasons["averaging"] = ("off: the linear decay to zero already averages the last iterates; a "
@@ -140,4 +161,5 @@ def plan(model_fn: Callable[[float], nn.Module], data, seconds: Optional[float] 
                             "run-to-run spread, for 2.5% of the steps")
     return Plan(seconds=clock.seconds, width=wc.width, knobs=tuple(knobs),
                 select_fraction=select_fraction, batch_size=pool, warmup=warmup,
-                width_choice=wc, select_scores=select_scores, reasons=reasons, probe_seconds=time.perf_counter() - t0)
+                width_choice=wc, select_scores=select_scores, reasons=reasons,
+                probe_seconds=time.perf_counter() - t0, augment_until=augment_until)

@@ -129,6 +129,13 @@ class Budgeted(Plugin):
         sync_device: synchronise the device after every step so the step times are real
             (needed on asynchronous devices; a small cost).
         seed: seed of the importance sampler's draws.
+        augment_until: the budget-aware augmentation: the training loader's random crops and
+            flips stay on for this share of the training time and are turned off for the rest
+            (``0``: never, ``1``: always; ``None``, the default: the loader is left as it is).
+            The switch is set before each step, so it takes effect from the next batch drawn.
+            Needs a loader with an ``augment`` attribute (:class:`pyoptim.data.DeviceLoader`).
+            Short budgets gain from it: a model that makes a few passes over the data is
+            still under-fitting, and augmentation only slows its fit (see docs/budget.md).
 
     After ``fit()``: :attr:`result` (budget, seconds used, steps, stop reason, final accuracy,
     where the time went), :attr:`timeline` (elapsed seconds and accuracy at each evaluation)
@@ -145,7 +152,7 @@ class Budgeted(Plugin):
                  per_sample_loss: Optional[Callable] = None,
                  final_eval: bool = True,
                  epoch_eval: bool = True, reserve_s: float = 0.0, sync_device: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, augment_until: Optional[float] = None):
         if clock is None:
             if seconds is None:
                 raise ValueError("Budgeted: give seconds (the budget) or clock")
@@ -158,6 +165,11 @@ class Budgeted(Plugin):
             raise ValueError(f"Budgeted: warmup must be in [0, 1), got {warmup}")
         if reserve_s < 0:
             raise ValueError(f"Budgeted: reserve_s must be >= 0, got {reserve_s}")
+        if augment_until is not None and not 0.0 <= augment_until <= 1.0:
+            raise ValueError(f"Budgeted: augment_until must be in [0, 1] (a share of the training "
+                             f"time) or None, got {augment_until}")
+        self.augment_until = None if augment_until is None else float(augment_until)
+        self.augment_events: List[Dict[str, Any]] = []
         if isinstance(knobs, (str, Selector)):
             knobs = (knobs,)
         names: List[str] = []
@@ -378,14 +390,26 @@ class Budgeted(Plugin):
             out.append(float(lr))
         return out
 
-    def _set_lr(self, trainer) -> None:
+    def _progress(self) -> float:
+        """Share of the training time spent at the middle of the next step, from the synced
+        predictions (the same on every rank); never backwards: a prediction that shrinks (a
+        measured evaluation quicker than its probe) must not move the schedules back."""
         s = self._synced
         end = self.clock.seconds - s["final"] - self.reserve_s - self._safety(s["step"], s["final"])
         span = max(end - (self.train_start or 0.0), 1e-9)
         frac = (s["elapsed"] + 0.5 * s["step"] - (self.train_start or 0.0)) / span
-        # never backwards: a prediction that shrinks (a measured evaluation quicker than its
-        # probe) must not raise the LR again
-        frac = max(min(max(frac, 0.0), 1.0), self._fraction)
+        self._fraction = max(min(max(frac, 0.0), 1.0), self._fraction)
+        return self._fraction
+
+    def _set_augment(self, trainer) -> None:
+        on = self._progress() < self.augment_until
+        if trainer.train_data.augment != on:
+            trainer.train_data.augment = on
+            self.augment_events.append({"step": int(trainer.global_step), "fraction": self._fraction,
+                                        "augment": on})
+
+    def _set_lr(self, trainer) -> None:
+        frac = self._progress()
         factor = budget_lr_factor(frac, self.warmup)
         for g in trainer.optimizer.param_groups:
             peak = g.setdefault("initial_lr", g["lr"])
@@ -394,7 +418,6 @@ class Budgeted(Plugin):
                 g["lr"].fill_(value)
             else:
                 g["lr"] = value
-        self._fraction = frac
 
     def _share(self, trainer, values: Dict[str, float], flags: Sequence[float] = ()) -> List[float]:
         """All-reduce (max) the predictions and flags so every rank decides alike."""
@@ -411,6 +434,12 @@ class Budgeted(Plugin):
 
     # ---------------------------------------------------------------------------------- hooks
     def on_fit_start(self, trainer) -> None:
+        if self.augment_until is not None and not isinstance(getattr(trainer.train_data, "augment", None), bool):
+            raise ValueError(f"Budgeted: augment_until needs a training loader with a boolean "
+                             f"'augment' attribute (pyoptim.data.DeviceLoader); got "
+                             f"{type(trainer.train_data).__name__}")
+        if self.augment_until is not None:      # before the first batch is drawn
+            trainer.train_data.augment = self._fraction < self.augment_until
         now = self.clock.elapsed()
         if self.train_start is None:
             self.train_start = now
@@ -485,6 +514,8 @@ class Budgeted(Plugin):
     def before_step(self, trainer, step, x, y):
         if "schedule" in self.knobs:
             self._set_lr(trainer)
+        if self.augment_until is not None:
+            self._set_augment(trainer)
         if not self.selector.needs_scores:
             return None
         if self._stale:
@@ -649,6 +680,8 @@ class Budgeted(Plugin):
             "selector": self.selector.describe(stale=self._stale),
             "select_scores": self.select_scores if self.selector.needs_scores else None,
             "selected_epochs": list(self._selected_epochs),
+            "augment_until": self.augment_until,
+            "augment_events": list(self.augment_events),
             "steps": trainer.global_step,
             "epochs_completed": trainer.epoch,
             "samples": samples,
@@ -681,7 +714,8 @@ class Budgeted(Plugin):
                 "scores": self.scores.state_dict() if self.scores is not None else None,
                 "weight_table": (self._weight_table.cpu() if self._weight_table is not None
                                  else None),
-                "selected_epochs": list(self._selected_epochs)}
+                "selected_epochs": list(self._selected_epochs),
+                "augment_events": list(self.augment_events)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.clock.resume_after(state["spent"])
@@ -692,6 +726,7 @@ class Budgeted(Plugin):
         self._epoch_end_measured = state["epoch_end_measured"]
         self._boundary_extra = state["boundary_extra"]
         self._fraction = state.get("fraction", 0.0)
+        self.augment_events = list(state.get("augment_events", []))
         self.timeline = list(state["timeline"])
         self.lr_trace = list(state["lr_trace"])
         self.time_s = dict(state["time_s"])

@@ -434,11 +434,11 @@ class Budgeted(Plugin):
 
     # ---------------------------------------------------------------------------------- hooks
     def on_fit_start(self, trainer) -> None:
-        if self.augment_until is not None and not isinstance(getattr(trainer.train_data, "augment", None), bool):
-            raise ValueError(f"Budgeted: augment_until needs a training loader with a boolean "
-                             f"'augment' attribute (pyoptim.data.DeviceLoader); got "
-                             f"{type(trainer.train_data).__name__}")
-        if self.augment_until is not None:      # before the first batch is drawn
+        if self.augment_until is not None:      # set before the first batch is drawn
+            if not isinstance(getattr(trainer.train_data, "augment", None), bool):
+                raise ValueError(f"Budgeted: augment_until needs a training loader with a boolean "
+                                 f"'augment' attribute (pyoptim.data.DeviceLoader); got "
+                                 f"{type(trainer.train_data).__name__}")
             trainer.train_data.augment = self._fraction < self.augment_until
         now = self.clock.elapsed()
         if self.train_start is None:

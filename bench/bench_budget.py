@@ -100,6 +100,7 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
             "knobs_used": b["knobs"], "stop_reason": b["stop_reason"],
             "augment_until": b.get("augment_until"),
             "time_s": b["time_s"], "steal_s": b.get("steal_s"), "steal_share": b.get("steal_share"),
+            "predicted_final_s": b.get("predicted_final_s"), "eval_probes": b.get("eval_probes"),
             "plan_reasons": plan.get("reasons"),
             "width_probes": (plan.get("width_choice") or {}).get("probes")}
 

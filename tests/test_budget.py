@@ -683,6 +683,41 @@ def test_final_prediction_follows_a_machine_that_slows_down():
     assert b.final_time(FakeTrainer) == pytest.approx(2.0)
 
 
+class _SlowFirstEvals(nn.Module):
+    """The first ``n`` eval-mode forwards sleep ``delay`` s: the evaluation probe before training
+    meets a machine that stalls for a moment, the rest of the run does not."""
+
+    def __init__(self, inner, n=3, delay=0.5):
+        super().__init__()
+        self.inner, self.n, self.delay = inner, n, delay
+
+    def forward(self, x):
+        if not self.training and self.n > 0:
+            self.n -= 1
+            time.sleep(self.delay)
+        return self.inner(x)
+
+
+def test_a_slow_first_evaluation_probe_is_timed_again_near_the_end():
+    """The first probe predicts a 2.3 s evaluation (its batches were stalled); the one near the end
+    sees the real, fast one, and the run ends within the tolerance instead of ~2.5 s early."""
+    clock = BudgetClock(10)
+    torch.manual_seed(0)
+    train, test = _loaders(n_train=2048, n_test=512, batch=32, image=12)
+    model = _SlowFirstEvals(resnet20(num_classes=4, in_channels=1, width=0.25))
+    b = Budgeted(knobs=("schedule",), clock=clock, epoch_eval=False)   # as `pyoptim train --no-epoch-eval`
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), train, eval_data=test,
+                plugins=[b], max_epochs=None, progress=False, log_every=0)
+    t.fit()
+    end = clock.elapsed()
+    assert len(b.result["eval_probes"]) == 2, (end, b.result)
+    first, late = b.result["eval_probes"]
+    assert first["eval_s"] > 1.5 and first["used"]
+    assert late["used"] and late["eval_s"] < first["eval_s"] / 5 and late["t"] > 3.0
+    assert 10 - tolerance(10) <= end <= 10, (end, b.result)
+    assert b.result["stop_reason"] == "budget" and b.result["final_eval"]["samples"] == 512
+
+
 def test_state_dict_carries_the_spent_time():
     b = Budgeted(100, knobs=("schedule",))
     b.clock.resume_after(30.0)

@@ -229,6 +229,8 @@ class Budgeted(Plugin):
         self._eval_probe: Optional[float] = None     # predicted seconds of one full evaluation
         self._epoch_end_measured: Optional[float] = None
         self._probe_ref: Optional[float] = None       # median step time when the probe ran
+        self._reprobed = False                        # the evaluation was timed again near the end
+        self.eval_probes: List[Dict[str, Any]] = []   # each timing: clock s, predicted s, step s
         self._epoch_end_ref: Optional[float] = None   # ... when the last epoch end was timed
         self._boundary_extra = 0.0
         self._synced = {"elapsed": 0.0, "step": 0.0, "epoch_end": 0.0, "final": 0.0}
@@ -312,6 +314,34 @@ class Budgeted(Plugin):
         # after the last decision (a 6 s run once ended 13 ms late without it)
         return 0.25 * step + 0.15 * final + 0.1 * max(0.02 * self.clock.seconds, 1.0)
 
+    def _maybe_reprobe(self, trainer) -> float:
+        """Times the evaluation once more when the end is near (the time left is under twice
+        the predicted final phase plus four steps and the margins; two batches, the quicker,
+        scaled to the set), and keeps the lower of that
+        and the first prediction (scaled by the machine's drift since). A single slow moment
+        during the first probe (two batches before training, on a shared machine) otherwise
+        stays in the prediction for the whole run and stops it seconds early. Returns the
+        seconds it took."""
+        if (self._reprobed or not self.final_eval or trainer.eval_data is None
+                or self._eval_probe is None or len(self._cycles) < 3
+                or (self.epoch_eval and self._epoch_end_measured is not None)):
+            return 0.0
+        step_t, fin_t = self.step_time(), self.final_time(trainer)
+        if self.clock.remaining() > 2.0 * fin_t + 4.0 * step_t + self._safety(step_t, fin_t):
+            return 0.0
+        self._reprobed = True
+        t0 = time.perf_counter()
+        probe = self._probe_eval(trainer, warm=True)
+        ref = self._median_step()
+        used = probe < self._eval_probe * self._drift(self._probe_ref)
+        if used:
+            self._eval_probe, self._probe_ref = probe, ref
+        self.eval_probes.append({"t": self.clock.elapsed(), "eval_s": probe, "step_s": ref,
+                                 "used": bool(used)})
+        spent = time.perf_counter() - t0
+        self.time_s["probe"] += spent
+        return spent
+
     def remaining(self) -> float:
         """Seconds left in the budget."""
         return self.clock.remaining()
@@ -334,18 +364,18 @@ class Budgeted(Plugin):
         return fn
 
     @torch.no_grad()
-    def _probe_eval(self, trainer) -> float:
+    def _probe_eval(self, trainer, warm: bool = False) -> float:
         """Predicted seconds of one evaluation of ``trainer.eval_data``: up to three batches'
         eval-mode forwards timed, the quicker of the two after the first (warm-up) one, scaled to
-        the set."""
+        the set; when the model is ``warm`` (it has been training), two batches, the quicker."""
         data = trainer.eval_data
         sample = getattr(data, "sample_batches", None)
         batches = []
         if callable(sample):
-            batches = list(sample(3))
+            batches = list(sample(2 if warm else 3))
         else:
             it = iter(data)
-            for _ in range(3):
+            for _ in range(2 if warm else 3):
                 try:
                     batches.append(next(it))
                 except StopIteration:
@@ -371,7 +401,8 @@ class Budgeted(Plugin):
             model.train(was)
         # the first batch warms up; of the others the quicker (a noisy machine slows single
         # batches by 2x or more, which would predict an evaluation that cannot fit)
-        rates = [t / n for t, n in zip(times[1:], sizes[1:])] or [times[0] / sizes[0]]
+        pairs = list(zip(times, sizes)) if warm else list(zip(times[1:], sizes[1:]))
+        rates = [t / n for t, n in pairs] or [times[0] / sizes[0]]
         per_sample = min(rates)
         n = getattr(data, "num_samples", None)
         if isinstance(n, int):
@@ -475,6 +506,8 @@ class Budgeted(Plugin):
         t0 = time.perf_counter()
         if self._eval_probe is None and trainer.eval_data is not None and self.final_eval:
             self._eval_probe = self._probe_eval(trainer)
+            self.eval_probes.append({"t": self.clock.elapsed(), "eval_s": self._eval_probe,
+                                     "step_s": None, "used": True})
         self.time_s["probe"] += time.perf_counter() - t0
         self.stop_reason = None
         self._boundary = True
@@ -582,7 +615,7 @@ class Budgeted(Plugin):
             if self._epoch_end_ref is None and self._epoch_end_measured is not None:
                 self._epoch_end_ref = self._median_step()
         self._boundary = False
-        self._last_end = now
+        self._last_end = now + self._maybe_reprobe(trainer)   # a probe's time is not a step's
         elapsed = self.clock.elapsed()
         lr = trainer.optimizer.param_groups[0]["lr"]
         self.lr_trace.append((elapsed, float(lr)))
@@ -632,6 +665,7 @@ class Budgeted(Plugin):
         self._cycles.clear()
         self._boundary = True
         self._probe_ref = self._epoch_end_ref = None     # speeds of the old model
+        self._reprobed = False                           # time the new model's evaluation too
         if self.ema is not None:
             self.ema.reset(trainer.model)
 
@@ -690,6 +724,7 @@ class Budgeted(Plugin):
             "train_s": (elapsed - (self.train_start or 0.0) - self.time_s["final"]),
             "time_s": dict(self.time_s),
             "predicted_final_s": self._synced.get("final"),
+            "eval_probes": [dict(p) for p in self.eval_probes],
             "final_eval": final,
             "final_accuracy": final.get("accuracy") if final else None,
             "train_loss_running": running.get("loss"),

@@ -316,12 +316,10 @@ class Budgeted(Plugin):
 
     def _maybe_reprobe(self, trainer) -> float:
         """Times the evaluation once more when the end is near (the time left is under twice
-        the predicted final phase plus four steps and the margins; two batches, the quicker,
-        scaled to the set), and keeps the lower of that
-        and the first prediction (scaled by the machine's drift since). A single slow moment
-        during the first probe (two batches before training, on a shared machine) otherwise
-        stays in the prediction for the whole run and stops it seconds early. Returns the
-        seconds it took."""
+        the predicted final phase plus four steps and the margins) and keeps the lower of that
+        and the first prediction (scaled by the machine's drift since). A slow moment during the
+        first probe (a few batches before training, on a shared machine) otherwise stays in the
+        prediction for the whole run and stops it seconds early. Returns the seconds it took."""
         if (self._reprobed or not self.final_eval or trainer.eval_data is None
                 or self._eval_probe is None or len(self._cycles) < 3
                 or (self.epoch_eval and self._epoch_end_measured is not None)):

@@ -314,17 +314,17 @@ class Budgeted(Plugin):
         # after the last decision (a 6 s run once ended 13 ms late without it)
         return 0.25 * step + 0.15 * final + 0.1 * max(0.02 * self.clock.seconds, 1.0)
 
-    def _maybe_reprobe(self, trainer) -> float:
+    def _maybe_reprobe(self, trainer, step_t: float, fin_t: float) -> float:
         """Times the evaluation once more when the end is near (the time left is under twice
         the predicted final phase plus four steps and the margins) and keeps the lower of that
         and the first prediction (scaled by the machine's drift since). A slow moment during the
         first probe (a few batches before training, on a shared machine) otherwise stays in the
-        prediction for the whole run and stops it seconds early. Returns the seconds it took."""
+        prediction for the whole run and stops it seconds early. ``step_t``, ``fin_t``: this
+        step's predictions. Returns the seconds it took (0: not now)."""
         if (self._reprobed or not self.final_eval or trainer.eval_data is None
                 or self._eval_probe is None or len(self._cycles) < 3
                 or (self.epoch_eval and self._epoch_end_measured is not None)):
             return 0.0
-        step_t, fin_t = self.step_time(), self.final_time(trainer)
         if self.clock.remaining() > 2.0 * fin_t + 4.0 * step_t + self._safety(step_t, fin_t):
             return 0.0
         self._reprobed = True
@@ -613,14 +613,18 @@ class Budgeted(Plugin):
             if self._epoch_end_ref is None and self._epoch_end_measured is not None:
                 self._epoch_end_ref = self._median_step()
         self._boundary = False
-        self._last_end = now + self._maybe_reprobe(trainer)   # a probe's time is not a step's
+        step_t, fin_t = self.step_time(), self.final_time(trainer)
+        spent = self._maybe_reprobe(trainer, step_t, fin_t)
+        if spent:
+            fin_t = self.final_time(trainer)
+        self._last_end = now + spent            # a probe's time is not a step's
         elapsed = self.clock.elapsed()
         lr = trainer.optimizer.param_groups[0]["lr"]
         self.lr_trace.append((elapsed, float(lr)))
         # the decision: another step (and the epoch end it may bring) + the final phase must fit
         epoch_ends = bool(trainer._loader_epoch_finished())
         will_stop = trainer._done()
-        step_t, ee_t, fin_t = self.step_time(), self.epoch_end_time(trainer), self.final_time(trainer)
+        ee_t = self.epoch_end_time(trainer)
         self._share(trainer, {"elapsed": elapsed, "step": step_t, "epoch_end": ee_t, "final": fin_t})
         s = self._synced
         limit = self.clock.seconds - self.reserve_s - self._safety(s["step"], s["final"])

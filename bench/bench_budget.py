@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils as bu  # noqa: E402
 
-from pyoptim import cli  # noqa: E402
+from pyoptim import cli, report  # noqa: E402
 
 CONFIGS = ("none", "schedule", "selective", "importance", "width", "auto")
 KNOB_NAMES = CONFIGS + ("ema", "uniform", "noaug")
@@ -105,36 +105,6 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
             "width_probes": (plan.get("width_choice") or {}).get("probes")}
 
 
-def draw(result: dict, path: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    full = result["full"]
-    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
-    for i, cfg in enumerate(result["config"]["configs"]):
-        rows = sorted((r for r in result["runs"] if r["knobs"] == cfg), key=lambda r: r["budget_s"])
-        ax[0].plot([r["budget_s"] for r in rows], [100 * r["test_accuracy"] for r in rows], marker="o",
-                   color="black" if cfg == "none" else f"C{i}", ls="--" if cfg == "none" else "-",
-                   label="naive cut-off" if cfg == "none" else cfg)
-        ax[1].plot([full["seconds"] / r["budget_s"] for r in rows],
-                   [100 * (r["test_accuracy"] - full["test_accuracy"]) for r in rows], marker="o",
-                   color="black" if cfg == "none" else f"C{i}", ls="--" if cfg == "none" else "-",
-                   label="naive cut-off" if cfg == "none" else cfg)
-    ax[0].axhline(100 * full["test_accuracy"], color="grey", ls=":",
-                  label=f"full run ({full['seconds']:.0f} s)")
-    ax[0].set(xscale="log", xlabel="budget (s)", ylabel="test accuracy (%)",
-              title=f"{result['config']['model']} on {result['config']['data']} ({result['device']})"[:70])
-    ax[0].legend(fontsize=8)
-    ax[1].axhline(-2, color="red", ls=":", label="goal: -2 pt at 1/20")
-    ax[1].set(xscale="log", xlabel="speed-up over the full run (x)", ylabel="accuracy - full run (pt)",
-              title="accuracy lost against the time saved")
-    ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18")
@@ -169,7 +139,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.redraw:
         with open(a.redraw) as f:
-            print(f"picture: {draw(json.load(f), os.path.splitext(a.redraw)[0] + '.png')}")
+            print(f"picture: {report.draw_budget_comparison(json.load(f), os.path.splitext(a.redraw)[0] + '.png')}")
         return
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     for c in configs:
@@ -245,10 +215,7 @@ def main() -> None:
         if pending:
             result["pending"] = pending
         if prev is not None:
-            path = a.merge
-            with open(path, "w") as fh:
-                json.dump(result, fh, indent=2)
-                fh.write("\n")
+            path = report.write_json(a.merge, result, indent=2)
         else:
             path = bu.write_result(f"budget_{a.model}" + (f"_{a.tag}" if a.tag else ""), device, result, a.out_dir)
         return path, result, acc, cfgs, fracs
@@ -264,7 +231,7 @@ def main() -> None:
             record(fresh)
     path, result, acc, configs, fractions = record(fresh)
     goals = result["goals_met"]
-    png = draw(result, os.path.splitext(path)[0] + ".png")
+    png = report.draw_budget_comparison(result, os.path.splitext(path)[0] + ".png")
     print(f"\n{a.model} on {a.data}: full run {100 * full['test_accuracy']:.2f}% in {full['seconds']:.0f} s ({env['device']})")
     cols = [max(12, len(c) + 2) for c in configs]
     print("budget      " + "".join(f"{c:>{w}s}" for c, w in zip(configs, cols)))

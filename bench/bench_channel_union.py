@@ -43,7 +43,7 @@ import pyoptim  # noqa: E402
 from pyoptim.models import resnet32, resnet50  # noqa: E402
 from pyoptim.ops import conv_bn_add_relu  # noqa: E402
 from pyoptim.prune import ChannelGraph, fuse_blocks, reconfigure  # noqa: E402
-from pyoptim.prune.reconfigure import _flops  # noqa: E402
+from pyoptim.flops import count_flops  # noqa: E402
 
 
 def keep_masks(graph: ChannelGraph, fraction: float, seed: int):
@@ -110,7 +110,7 @@ def bench_models(args, device, dtype):
         dense = make().to(device=device, dtype=dtype).train()
         x = torch.randn(*shape, device=device, dtype=dtype)
         graph = ChannelGraph(dense, x[:2])
-        _, train_dense = _flops(dense, x)
+        _, train_dense = count_flops(dense, x)
         t_dense = bu.timeit(step_fn(dense, x), device, warmup=args.warmup, reps=args.reps)
         print(f"{name} {list(shape)}: dense {t_dense['median_ms']:.1f} ms, {train_dense / 1e9:.2f} GFLOP/step",
               flush=True)
@@ -120,7 +120,7 @@ def bench_models(args, device, dtype):
             zero_dropped(masked, graph, masks)
             pruned = copy.deepcopy(dense)
             pruned, _, report = reconfigure(pruned, None, x[:2], keep=masks, graph=graph)
-            _, train_pruned = _flops(pruned, x)
+            _, train_pruned = count_flops(pruned, x)
             fused = fuse_blocks(pruned)
             t = {k: bu.timeit(step_fn(m, x), device, warmup=args.warmup, reps=args.reps)
                  for k, m in (("masked", masked), ("pruned", pruned), ("fused", fused))}
@@ -144,7 +144,7 @@ def bench_models(args, device, dtype):
                     continue
                 masks_r = round_up_masks(masks, mult, seed=2)
                 pr, _, rep_r = reconfigure(copy.deepcopy(dense), None, x[:2], keep=masks_r, graph=graph)
-                _, train_r = _flops(pr, x)
+                _, train_r = count_flops(pr, x)
                 tr = bu.timeit(step_fn(pr, x), device, warmup=args.warmup, reps=args.reps)
                 sp = t_dense["median_ms"] / tr["median_ms"]
                 row[f"round_to_{mult}"] = {"channels": rep_r.channels_after, "train_gflop": train_r / 1e9,

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils as bu  # noqa: E402
 
-from pyoptim import cli  # noqa: E402
+from pyoptim import cli, report  # noqa: E402
 
 
 def run(method: str, a, runs_dir: str) -> dict:
@@ -80,48 +80,11 @@ def summary(rep: dict) -> dict:
     }
 
 
-def draw(result: dict, path: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    d, p = result["dense"], result["prunetrain"]
-    ep = list(range(1, len(d["test_accuracy_per_epoch"]) + 1))
-    fig, ax = plt.subplots(1, 4, figsize=(19, 4.2))
-    for name, r, c in (("dense", d, "tab:grey"), ("PruneTrain", p, "tab:red")):
-        ax[0].plot(ep, [100 * a for a in r["test_accuracy_per_epoch"]], marker="o", color=c, label=name)
-        ax[1].plot(ep, [f / 1e6 for f in r["train_flops_per_sample_per_epoch"]], marker="o", color=c, label=name)
-        cum, t = [], 0.0
-        for s in r["train_time_per_epoch_s"]:
-            t += s
-            cum.append(t / 60)
-        ax[2].plot(ep, cum, marker="o", color=c, label=name)
-    ax[0].set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{result['config']['model']} on {result['config']['data']}")
-    ax[1].set(xlabel="epoch", ylabel="training MFLOP / sample", title="model trained each epoch")
-    ax[2].set(xlabel="epoch", ylabel="training wall-clock (min, cumulative)",
-              title=f"{result['device']}"[:60])
-    for a in ax[:3]:
-        a.legend()
-    names = list(d["conv_channels_initial"])
-    ax[3].bar(range(len(names)), [d["conv_channels_initial"][n] for n in names], color="tab:grey", label="dense")
-    ax[3].bar(range(len(names)), [p["conv_channels_final"].get(n, 0) for n in names], color="tab:red",
-              label="PruneTrain, final")
-    ax[3].set(xlabel="conv layer", ylabel="output channels", title="channels per layer")
-    ax[3].legend()
-    r = result["ratios"]
-    fig.suptitle(f"PruneTrain vs dense: training FLOPs {-100 * r['train_flops_saving']:+.0f}%, training time "
-                 f"{-100 * r['train_time_saving']:+.0f}%, inference FLOPs {-100 * r['inference_flops_saving']:+.0f}%, "
-                 f"accuracy {100 * r['accuracy_delta']:+.2f} pt", y=1.02)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def redraw(json_path: str) -> str:
     """Redraws the picture of a results file (``--redraw bench/results/prunetrain_cpu.json``)."""
     import json
     with open(json_path) as f:
-        return draw(json.load(f), os.path.splitext(json_path)[0] + ".png")
+        return report.draw_prunetrain_comparison(json.load(f), os.path.splitext(json_path)[0] + ".png")
 
 
 def main() -> None:
@@ -181,7 +144,7 @@ def main() -> None:
         "dense": d, "prunetrain": p, "ratios": ratios, "goals_met": goals,
     }
     path = bu.write_result("prunetrain", device, result, a.out_dir)
-    png = draw(result, os.path.splitext(path)[0] + ".png")
+    png = report.draw_prunetrain_comparison(result, os.path.splitext(path)[0] + ".png")
     print(f"\n{a.model} on {a.data}, {a.epochs} epochs ({result['sizes']['train_samples']} samples/epoch), {env['device']}")
     for name, r in (("dense", d), ("prunetrain", p)):
         print(f"  {name:10s} test acc {100 * r['test_accuracy']:.2f}%  training {r['train_flops_total'] / 1e12:.2f} TFLOP  "

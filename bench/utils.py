@@ -1,24 +1,18 @@
-"""Shared benchmark helpers: timing (median with p20/p80), the machine's copy bandwidth, and the
-JSON record every run writes to bench/results/."""
+"""Shared benchmark helpers: timing (median with p20/p80) and the machine's copy bandwidth. The
+JSON record every run writes to bench/results/ and the pictures come from pyoptim.report."""
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from pyoptim import report
+from pyoptim._util import synchronize  # noqa: F401 - the benchmarks call bu.synchronize
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timeit(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 15,
@@ -53,69 +47,15 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def device_tag(device: torch.device) -> str:
-    if device.type == "cuda":
-        n = torch.cuda.get_device_name(device).lower()
-        for k in ("h200", "h100", "a100", "l4", "a10"):
-            if k in n:
-                return f"cuda-{k}"
-        return "cuda"
-    return "cpu"
-
-
-def git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def environment(device: torch.device) -> Dict[str, object]:
-    try:
-        import triton
-        triton_version: Optional[str] = triton.__version__
-    except Exception:
-        triton_version = None
-    import pyoptim
-    return {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
-        "pyoptim_backends": {k: v for k, v in pyoptim.backends().items() if k != "extension_error"},
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-    }
+    """pyoptim.report.environment with this checkout's commit."""
+    return report.environment(device, root=ROOT)
 
 
 def write_result(family: str, device: torch.device, payload: Dict[str, object],
                  out_dir: Optional[str] = None) -> str:
-    out_dir = out_dir or RESULTS_DIR
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{family}_{device_tag(device)}.json")
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
-    return path
+    """pyoptim.report.write_result into bench/results/ unless ``out_dir`` is given."""
+    return report.write_result(family, device, payload, out_dir or RESULTS_DIR)

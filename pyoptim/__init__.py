@@ -13,6 +13,7 @@ from . import ops, reference  # noqa: E402  (registers fake kernels, autograd, f
 from .prune.group_lasso import GroupLasso, group_lasso_penalty, group_lasso_targets
 from . import models, sparse  # noqa: E402
 from .train import Trainer, load  # noqa: E402  (pyoptim.load: rebuild a trainer from a checkpoint)
+from .flops import count_flops  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "group_lasso_targets",
     "Trainer",
     "load",
+    "count_flops",
 ]
 
 import os as _os

@@ -7,6 +7,8 @@ import re
 import time
 from typing import Optional, Union
 
+from .._util import synchronize  # re-exported: the budget's timings wait for the device
+
 __all__ = ["BudgetClock", "parse_duration", "format_duration", "synchronize", "machine_steal_seconds"]
 
 _UNITS = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
@@ -39,19 +41,6 @@ def parse_duration(text: Union[str, float, int]) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"budget: {text!r} must be a positive, finite duration")
     return value
-
-
-def synchronize(device) -> None:
-    """Waits for the device's queued work (CUDA or another accelerator; nothing on the CPU), so a
-    wall-clock reading covers it."""
-    import torch
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type not in ("cpu", "meta"):
-        acc = getattr(torch, "accelerator", None)
-        if acc is not None and hasattr(acc, "synchronize"):
-            acc.synchronize(device)
 
 
 def machine_steal_seconds(path: str = "/proc/stat") -> Optional[float]:

@@ -29,9 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._util import dist_on
+from .._util import synchronize as _sync
 from ..train.plugin import Plugin
 from .clock import BudgetClock, format_duration, parse_duration
-from .clock import synchronize as _sync
 from .schedule import WeightEMA, budget_lr_factor
 from .selection import (SampleScores, Selector, UniformSelection, freeze_batchnorm_stats,
                         make_selector)
@@ -42,10 +43,6 @@ __all__ = ["Budgeted", "KNOBS", "SELECT_SCORES"]
 KNOBS = ("schedule", "ema", "uniform", "selective", "importance")
 #: where the sample selectors get their losses (see :mod:`pyoptim.budget.selection`)
 SELECT_SCORES = ("stale", "forward")
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -275,7 +272,7 @@ class Budgeted(Plugin):
         return self._first_cycle or 0.0
 
     def _precise_bn_time(self, trainer) -> float:
-        n = getattr(trainer, "precise_bn", 0) or 0
+        n = getattr(trainer, "precise_bn_batches", 0) or 0
         return 0.5 * n * self.step_time() if n else 0.0
 
     def epoch_end_time(self, trainer) -> float:
@@ -386,10 +383,10 @@ class Budgeted(Plugin):
         try:
             times, sizes = [], []
             for b in batches:
-                x, y = trainer._unpack(b)
+                x, y = trainer.unpack(b)
                 _sync(trainer.device)
                 t0 = time.perf_counter()
-                with trainer._autocast():
+                with trainer.autocast():
                     out = model(x)
                     trainer.loss_fn(out, y)
                 _sync(trainer.device)
@@ -452,7 +449,7 @@ class Budgeted(Plugin):
         """All-reduce (max) the predictions and flags so every rank decides alike."""
         keys = list(values)
         vec = [values[k] for k in keys] + list(flags)
-        if trainer.distributed and _dist_on():
+        if trainer.distributed and dist_on():
             t = torch.tensor(vec, dtype=torch.float64,
                              device=trainer.device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -530,7 +527,7 @@ class Budgeted(Plugin):
         if not self._stale:
             return
         t0 = time.perf_counter()
-        self.scores.commit(distributed=bool(trainer.distributed) and _dist_on())
+        self.scores.commit(distributed=bool(trainer.distributed) and dist_on())
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * int(epoch) + 1) % (2 ** 63))
         order, weights = self.selector.epoch_order(self.scores, g)
         self._weight_table = weights.to(trainer.device) if weights is not None else None
@@ -562,7 +559,7 @@ class Budgeted(Plugin):
         # the unwrapped model: no DDP buffer broadcast, no torch.compile recompilation for the
         # pool's batch size (the scoring forward changes no state)
         losses = self.selector.score(trainer.model, trainer.model, x, y, self._score_loss,
-                                     trainer._autocast, update_bn=True)
+                                     trainer.autocast, update_bn=True)
         # the running statistics came from the whole pool; the selected (biased) samples'
         # training forward must not move them
         self._bn_frozen = freeze_batchnorm_stats(trainer.model).freeze()
@@ -622,8 +619,8 @@ class Budgeted(Plugin):
         lr = trainer.optimizer.param_groups[0]["lr"]
         self.lr_trace.append((elapsed, float(lr)))
         # the decision: another step (and the epoch end it may bring) + the final phase must fit
-        epoch_ends = bool(trainer._loader_epoch_finished())
-        will_stop = trainer._done()
+        epoch_ends = bool(trainer.epoch_will_end())
+        will_stop = trainer.will_stop()
         ee_t = self.epoch_end_time(trainer)
         self._share(trainer, {"elapsed": elapsed, "step": step_t, "epoch_end": ee_t, "final": fin_t})
         s = self._synced
@@ -693,8 +690,7 @@ class Budgeted(Plugin):
                 final = {"loss": last.get("eval_loss"), "accuracy": last.get("eval_accuracy"),
                          "reused_epoch_eval": True}
             else:
-                if trainer.precise_bn:
-                    trainer._precise_bn()
+                trainer.precise_bn()
                 final = trainer.evaluate()
         self.time_s["final"] = time.perf_counter() - t0
         elapsed = self.clock.elapsed()
@@ -702,7 +698,7 @@ class Budgeted(Plugin):
             self.timeline.append({"t": elapsed, "epoch": trainer.epoch, "step": trainer.global_step,
                                   "eval_accuracy": final.get("accuracy"),
                                   "eval_loss": final.get("loss"), "final": True})
-        running = trainer.running_metrics() if trainer._acc_count else {}
+        running = trainer.running_metrics() if trainer.running_samples else {}
         n = getattr(trainer.train_data, "num_samples", None)
         samples = trainer.samples_seen * trainer.world_size
         steal = self.clock.stolen()

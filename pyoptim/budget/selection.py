@@ -43,6 +43,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._util import dist_on
+
 __all__ = ["Selector", "UniformSelection", "SelectiveBackprop", "ImportanceSampling",
            "SampleScores", "select_highest_loss", "importance_probabilities", "importance_sample",
            "make_selector", "freeze_batchnorm_stats"]
@@ -162,7 +164,7 @@ class SampleScores:
         """Moves the recorded values into the table (after summing them over ranks when
         ``distributed``); returns how many samples got new scores."""
         pending = self._pending
-        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed and dist_on():
             dev = self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
             buf = pending.to(dev)
             torch.distributed.all_reduce(buf)

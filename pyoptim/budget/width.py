@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clock import BudgetClock, format_duration
-from .clock import synchronize as _sync
+from .._util import synchronize as _sync
 
 __all__ = ["WidthChoice", "probe_widths", "choose_width", "count_parameters", "DEFAULT_WIDTHS"]
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from .._util import dist_on, synchronize
 from ..train.plugin import Plugin
 from .channel_graph import ChannelGraph
 from .fuse import FusedModel, fuse_blocks
@@ -28,10 +29,6 @@ from .group_lasso import GroupLasso
 from .reconfigure import channel_keep_masks, reconfigure
 
 __all__ = ["PruneTrain"]
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class PruneTrain(Plugin):
@@ -96,7 +93,7 @@ class PruneTrain(Plugin):
 
     def _calibrate(self, loss: torch.Tensor) -> None:
         value = loss.detach().float().reshape(())
-        if _dist():
+        if dist_on():
             value = value.clone()
             dist.all_reduce(value)
             value /= dist.get_world_size()
@@ -117,8 +114,7 @@ class PruneTrain(Plugin):
             self.gl.refresh()
 
     def _clock(self, trainer) -> float:
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)
+        synchronize(trainer.device)
         return time.perf_counter()
 
     def after_backward(self, trainer, loss) -> None:
@@ -167,13 +163,13 @@ class PruneTrain(Plugin):
         self.gl.prune_(self.threshold)
         graph = ChannelGraph(model, example)
         masks = channel_keep_masks(graph, model, 0.0, self.round_to, drop_unread=self.drop_unread)
-        if _dist():  # decide once: the union of every rank's keep-sets (identical under DDP anyway)
+        if dist_on():  # decide once: the union of every rank's keep-sets (identical under DDP anyway)
             for k in sorted(masks):
                 m = masks[k].to(device=x.device, dtype=torch.uint8)
                 dist.all_reduce(m, op=dist.ReduceOp.MAX)
                 masks[k] = m.bool().cpu()
         new, _, report = reconfigure(model, trainer.optimizer, example, graph=graph, keep=masks)
-        if _dist():  # and once more: every rank continues from rank 0's tensors
+        if dist_on():  # and once more: every rank continues from rank 0's tensors
             for t in list(new.parameters()) + list(new.buffers()):
                 dist.broadcast(t.data, 0)
         if self.fuse:

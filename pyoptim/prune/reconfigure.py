@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from ..flops import count_flops
 from ..ops.channel_compact import channel_compact
 from .channel_graph import (_CAT_FUNCTIONS, _CONVS, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS,
                             CHANNELWISE, CONSUMER, ChannelGraph, ChannelGroup, _describe)
@@ -566,45 +566,6 @@ def channel_keep_masks(graph: ChannelGraph, model: Optional[nn.Module] = None, t
     return masks
 
 
-def _count_flops(model: nn.Module, example_input: Tensor, meta: bool) -> Tuple[int, int]:
-    if meta:   # shapes only: the same counts without computing anything
-        params = {n: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad)
-                  for n, p in model.named_parameters()}
-        state = dict(params)
-        state.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
-        x = torch.empty_like(example_input, device="meta")
-
-        def run():
-            return torch.func.functional_call(model, state, (x,))
-        grads_of = [p for p in params.values() if p.requires_grad]
-    else:
-        def run():
-            return model(example_input)
-        grads_of = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad(), FlopCounterMode(display=False) as fwd:
-        run()
-    with torch.enable_grad(), FlopCounterMode(display=False) as train:
-        out = run()
-        if grads_of:
-            torch.autograd.grad(out.float().sum(), grads_of, allow_unused=True)
-    return fwd.get_total_flops(), train.get_total_flops()
-
-
-def _flops(model: nn.Module, example_input: Tensor) -> Tuple[int, int]:
-    """(forward FLOPs, forward + backward FLOPs) of one step on ``example_input`` (in eval mode,
-    counted on meta tensors — by shapes, without computing — where every op allows it)."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        try:
-            return _count_flops(model, example_input, meta=True)
-        except Exception:
-            return _count_flops(model, example_input, meta=False)
-    finally:
-        for m, t in modes.items():
-            m.training = t
-
-
 def _resize_module(mod: nn.Module) -> None:
     """Brings a module's size attributes in line with its (compacted) tensors."""
     if isinstance(mod, nn.Conv2d):
@@ -778,7 +739,7 @@ def reconfigure(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ex
                              f"allowed only for a group that can die: {e}") from None
         for gi in plan.groups:
             masks[gi] = torch.zeros(graph.groups[gi].size, dtype=torch.bool)
-    fwd0, train0 = _flops(model, example_input) if report_flops else (0, 0)
+    fwd0, train0 = count_flops(model, example_input) if report_flops else (0, 0)
     params0 = sum(p.numel() for p in model.parameters())
 
     # one keep mask per (tensor, dim), combining every group that slices it (concatenations);
@@ -822,7 +783,7 @@ def reconfigure(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ex
             _drop_from_optimizer(optimizer, removed)
         model = new_model
 
-    fwd1, train1 = _flops(model, example_input) if report_flops else (0, 0)
+    fwd1, train1 = count_flops(model, example_input) if report_flops else (0, 0)
     report = ReconfigureReport(
         channels_before=sum(graph.groups[g].size for g in masks),
         channels_after=sum(int(k.sum()) for k in masks.values()),

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._util import synchronize as _sync
 from .modules import SparseConv2d, SparseLinear
 from .scheme import SparseUpdateScheme, apply_scheme
 
@@ -362,11 +363,6 @@ def _make_optimizer(params, optimizer: str):
     if optimizer == "adam":
         return torch.optim.Adam(params, lr=1e-4)
     return torch.optim.AdamW(params, lr=1e-4)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_memory(model: nn.Module, scheme: Optional[SparseUpdateScheme], input_shape: Sequence[int],

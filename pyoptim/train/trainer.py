@@ -21,7 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._util import dist_on
 from . import checkpoint as _ckpt
+from .checkpoint import load
 from .schedule import scale_learning_rate
 
 __all__ = ["Trainer", "History", "load"]
@@ -31,12 +33,6 @@ logger = logging.getLogger("pyoptim.train")
 _AMP_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-# constructor arguments stored in checkpoints (and given back to the Trainer by load())
-_CONFIG_KEYS = ("amp", "compile", "max_epochs", "max_steps", "log_every", "checkpoint_dir",
-                "checkpoint_every", "checkpoint_every_steps", "checkpoint_keep", "grad_clip",
-                "scheduler_interval", "accuracy", "ddp_kwargs", "loss_fn", "precise_bn")
-
-
 class History(list):
     """The per-epoch rows of :meth:`Trainer.fit` (a list of dicts); ``history["loss"]`` is the
     column ``[row.get("loss") for row in history]``."""
@@ -45,10 +41,6 @@ class History(list):
         if isinstance(key, str):
             return [row.get(key) for row in self]
         return super().__getitem__(key)
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -78,11 +70,6 @@ def _top1_correct(out: Any, y: Any) -> Optional[Tensor]:
             or y.shape != out.shape[:1] + out.shape[2:]:
         return None
     return (out.argmax(1) == y).sum()
-
-
-def _plugin_keys(plugins: Sequence[Any]) -> List[str]:
-    names = [getattr(p, "name", None) or type(p).__name__ for p in plugins]
-    return [n if names.count(n) == 1 else f"{i}:{n}" for i, n in enumerate(names)]
 
 
 class Trainer:
@@ -169,7 +156,7 @@ class Trainer:
         self.grad_clip = grad_clip
         if precise_bn < 0:
             raise ValueError(f"precise_bn must be >= 0 batches, got {precise_bn}")
-        self.precise_bn = int(precise_bn)
+        self.precise_bn_batches = int(precise_bn)
         self.scheduler_interval = scheduler_interval
         self.accuracy = accuracy
         self.progress = progress
@@ -187,8 +174,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
 
         # distributed
-        self.distributed = _dist_on() if ddp is None else bool(ddp)
-        if self.distributed and not _dist_on():
+        self.distributed = dist_on() if ddp is None else bool(ddp)
+        if self.distributed and not dist_on():
             raise RuntimeError("ddp=True needs torch.distributed to be initialised "
                                "(torch.distributed.init_process_group, e.g. under torchrun)")
         self.rank = dist.get_rank() if self.distributed else 0
@@ -351,7 +338,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # one step
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context of the training forward: ``torch.autocast`` to the AMP dtype
+        when AMP is on, a disabled one otherwise. Use it for any forward a plug-in runs, so that it
+        sees the numerics of training."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
@@ -388,7 +378,7 @@ class Trainer:
         self.last_input = x
         n = _leading_dim(x)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self.autocast():
             out = self.module_for_forward(x)
             loss = self.loss_fn(out, y)
         self.scaler.scale(loss).backward()
@@ -451,9 +441,9 @@ class Trainer:
         has_acc = False
         try:
             for batch in data:
-                x, y = self._unpack(batch)
+                x, y = self.unpack(batch)
                 n = _leading_dim(x)
-                with self._autocast():
+                with self.autocast():
                     out = self._eval_forward(x)
                     loss = self.loss_fn(out, y)
                 acc[0] += loss.detach().to(acc.dtype) * n
@@ -480,7 +470,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the loop
 
-    def _unpack(self, batch: Any) -> Tuple[Any, Any]:
+    def unpack(self, batch: Any) -> Tuple[Any, Any]:
+        """``(x, y)`` of one batch of the data (a pair, or a dict with ``input`` and ``target``),
+        moved to the trainer's device. Raises ``TypeError`` for anything else."""
         if isinstance(batch, dict) and "input" in batch and "target" in batch:
             batch = (batch["input"], batch["target"])
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -495,10 +487,6 @@ class Trainer:
             sampler = getattr(data, "sampler", None)
             if callable(getattr(sampler, "set_epoch", None)):
                 sampler.set_epoch(epoch)
-
-    def _stateful_data(self) -> bool:
-        d = self.train_data
-        return callable(getattr(d, "state_dict", None)) and callable(getattr(d, "load_state_dict", None))
 
     def _open_epoch(self) -> None:
         resume, self._resume = self._resume, None
@@ -549,6 +537,18 @@ class Trainer:
                 return None
         return None
 
+    def epoch_will_end(self) -> Optional[bool]:
+        """Whether the epoch in progress ends after the batch being trained (the loader has no
+        batch left): the loader's ``epoch_finished`` when it has one, else
+        ``batch_in_epoch >= len(loader)`` when it is sized, else ``None`` (unknown). Valid from
+        ``before_step`` to ``on_step_end``."""
+        return self._loader_epoch_finished()
+
+    def will_stop(self) -> bool:
+        """Whether ``fit()`` stops before the next step: a plug-in set ``should_stop``, or the
+        running ``fit``'s ``max_steps`` / ``max_epochs`` are reached."""
+        return self._done()
+
     def _done(self) -> bool:
         max_epochs, max_steps = self._limits
         return (self.should_stop or (max_steps is not None and self.global_step >= max_steps)
@@ -578,13 +578,13 @@ class Trainer:
             self._segment_start = t0
             ended = True
             for batch in self._epoch_iter:
-                x, y = self._unpack(batch)
+                x, y = self.unpack(batch)
                 self._train_step(x, y)
                 if self.log_every and self.global_step % self.log_every == 0:
                     self._log_progress()
                 if self.checkpoint_every_steps and self.global_step % self.checkpoint_every_steps == 0:
                     self._epoch_time_flush()
-                    self._auto_checkpoint(f"step{self.global_step:09d}.pt")
+                    _ckpt.auto_checkpoint(self, f"step{self.global_step:09d}.pt")
                 if self._done():
                     ended = False
                     break
@@ -598,7 +598,7 @@ class Trainer:
                     break
             self._end_epoch()
         if self.checkpoint_dir is not None and self._saved_step != self.global_step:
-            self._auto_checkpoint(None)
+            _ckpt.auto_checkpoint(self, None)
         self._call("on_fit_end")
         return self.history
 
@@ -644,9 +644,9 @@ class Trainer:
                 m.reset_running_stats()
                 m.momentum = None                  # cumulative average over the batches
             self.model.train()
-            with self._autocast():
+            with self.autocast():
                 for batch in batches:
-                    x, _ = self._unpack(batch)
+                    x, _ = self.unpack(batch)
                     self.model(x)
                     n += 1
         finally:
@@ -656,9 +656,13 @@ class Trainer:
             self.model.train(training)
         return n
 
-    def _precise_bn(self) -> None:
-        if not self.precise_bn:
-            return
+    def precise_bn(self) -> int:
+        """Recomputes the BN running statistics over ``precise_bn_batches`` training batches
+        (:meth:`recalibrate_bn` on the loader's ``sample_batches(n)``), as every epoch end does
+        before its evaluation; a no-op when ``Trainer(precise_bn=0)``. Returns the batches used
+        (0 also when the loader cannot sample batches: it warns once)."""
+        if not self.precise_bn_batches:
+            return 0
         sample = getattr(self.train_data, "sample_batches", None)
         if sample is None:
             if not getattr(self, "_warned_precise_bn", False):
@@ -666,14 +670,14 @@ class Trainer:
                               "(a pyoptim.data.DeviceLoader has): BN statistics not recalibrated",
                               RuntimeWarning, stacklevel=3)
                 self._warned_precise_bn = True
-            return
-        self.recalibrate_bn(sample(self.precise_bn))
+            return 0
+        return self.recalibrate_bn(sample(self.precise_bn_batches))
 
     def _end_epoch(self) -> None:
         self._epoch_iter = None
         skip_eval, self.skip_epoch_eval = self.skip_epoch_eval, False
         if not skip_eval:
-            self._precise_bn()
+            self.precise_bn()
         self.sync_buffers()
         stats = torch.cat([self._acc, self._acc.new_tensor([self._acc_count, float(self._has_acc)])])
         if self.distributed:
@@ -710,7 +714,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self._reset_epoch_metrics()
         if self.checkpoint_every and self.epoch % self.checkpoint_every == 0:
-            self._auto_checkpoint(f"epoch{self.epoch:04d}.pt")
+            _ckpt.auto_checkpoint(self, f"epoch{self.epoch:04d}.pt")
 
     def record(self, name: str, value: Any) -> None:
         """Adds a column to the current epoch's history row (a one-element tensor is converted
@@ -720,6 +724,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # metrics and progress
+
+    @property
+    def running_samples(self) -> int:
+        """Samples this rank trained on in the current epoch so far (host-side: no sync)."""
+        return self._acc_count
 
     def running_metrics(self) -> Dict[str, Any]:
         """The current epoch's running loss/accuracy on this rank (one host sync)."""
@@ -773,103 +782,19 @@ class Trainer:
         logger.info("%s %s", info.get("event", ""), " ".join(parts))
 
     # ------------------------------------------------------------------------------------------
-    # checkpoints
-
-    def _config(self) -> Dict[str, Any]:
-        cfg = {k: getattr(self, k) for k in _CONFIG_KEYS}
-        for k in ("loss_fn", "accuracy"):
-            if callable(cfg[k]) and _ckpt.picklable(cfg[k]) is not None:
-                cfg[k] = None if k == "loss_fn" else True
-        return cfg
+    # checkpoints (the format, writing and restoring live in checkpoint.py)
 
     def checkpoint(self) -> Dict[str, Any]:
         """The checkpoint as a dict (what :meth:`save` writes). Under DDP every rank must call it:
         the RNG and loader states of all ranks are gathered."""
-        rng = _ckpt.capture_rng(self.device)
-        data_state = self.train_data.state_dict() if self._stateful_data() else None
-        per_rank = {"rng": rng, "epoch_rng": self._epoch_rng, "data": data_state}
-        if self.distributed:
-            gathered: List[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, per_rank)
-        else:
-            gathered = [per_rank]
-        objects: Dict[str, Any] = {"model": self.model, "optimizer": self.optimizer,
-                                   "scheduler": self.scheduler}
-        why = _ckpt.picklable(objects)
-        if why is not None:
-            objects["scheduler"] = None
-            why_model = _ckpt.picklable({"model": self.model, "optimizer": self.optimizer})
-            if why_model is not None:
-                warnings.warn(f"checkpoint: the model/optimizer objects cannot be pickled ({why_model}); "
-                              f"the checkpoint holds their state dicts only, and loading it needs "
-                              f"model= and optimizer=", RuntimeWarning, stacklevel=3)
-                objects = {"model": None, "optimizer": None, "scheduler": None, "error": why_model}
-            else:
-                objects["error"] = why
-        progress = {"epoch": self.epoch, "global_step": self.global_step,
-                    "batch_in_epoch": self.batch_in_epoch, "samples_seen": self.samples_seen,
-                    "acc": self._acc.detach().cpu(), "acc_count": self._acc_count,
-                    "has_acc": self._has_acc, "epoch_samples": self._epoch_samples,
-                    "epoch_time": self._epoch_time, "extra": dict(self._extra),
-                    "batch_size": self.batch_size, "log_every": self.log_every}
-        return {
-            "format": _ckpt.FORMAT,
-            "torch_version": torch.__version__,
-            "objects": objects,
-            "model_state": self.model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler_state": self.scaler.state_dict(),
-            "plugins": {k: (p.state_dict() if callable(getattr(p, "state_dict", None)) else {})
-                        for k, p in zip(_plugin_keys(self.plugins), self.plugins)},
-            "per_rank": gathered,
-            "world_size": self.world_size,
-            "progress": progress,
-            "history": list(self.history),
-            "config": self._config(),
-        }
+        return _ckpt.trainer_checkpoint(self)
 
     def save(self, path: str) -> None:
         """Writes a checkpoint to ``path`` (rank 0 writes; under DDP every rank must call it, and
         it returns once the file is written). See ``docs/train.md`` for what it holds; load it with
         :func:`pyoptim.train.load` (a rebuilt trainer) or :meth:`load_checkpoint` (into this
         one)."""
-        ckpt = self.checkpoint()
-        if self.is_main:
-            _ckpt.save_file(ckpt, path)
-        if self.distributed:
-            dist.barrier()
-
-    def _auto_checkpoint(self, name: Optional[str]) -> None:
-        if self.checkpoint_dir is None:
-            return
-        last = os.path.join(self.checkpoint_dir, "last.pt")
-        if name is None:
-            self.save(last)
-        else:
-            path = os.path.join(self.checkpoint_dir, name)
-            self.save(path)
-            if self.is_main:
-                tmp = last + ".link"
-                try:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-                    os.link(path, tmp)
-                    os.replace(tmp, last)
-                except OSError:
-                    import shutil
-                    shutil.copyfile(path, tmp)
-                    os.replace(tmp, last)
-                if self.checkpoint_keep:
-                    self._prune_checkpoints()
-        self._saved_step = self.global_step
-
-    def _prune_checkpoints(self) -> None:
-        files = [f for f in os.listdir(self.checkpoint_dir)
-                 if f.endswith(".pt") and (f.startswith("epoch") or f.startswith("step"))]
-        files.sort(key=lambda f: os.path.getmtime(os.path.join(self.checkpoint_dir, f)))
-        for f in files[:-self.checkpoint_keep]:
-            os.remove(os.path.join(self.checkpoint_dir, f))
+        _ckpt.save_trainer(self, path)
 
     def load_checkpoint(self, ckpt: Union[str, Dict[str, Any]], *, load_objects_state: bool = True,
                         strict: bool = True) -> None:
@@ -879,49 +804,24 @@ class Trainer:
         states, RNG states, counters and history. The next ``fit()`` continues exactly where the
         checkpoint was taken (inside an epoch too). ``ckpt``: a path (loaded with
         ``weights_only=False``: trusted files only) or :meth:`checkpoint`'s dict."""
-        if not isinstance(ckpt, dict):
-            ckpt = _ckpt.load_file(ckpt, map_location=self.device)
-        if load_objects_state:
-            self.model.load_state_dict(ckpt["model_state"], strict=strict)
-            self.optimizer.load_state_dict(ckpt["optimizer_state"])
-            if self.scheduler is not None and ckpt["scheduler_state"] is not None:
-                self.scheduler.load_state_dict(ckpt["scheduler_state"])
-        scaler_state = ckpt.get("scaler_state") or {}
-        if scaler_state and self.scaler.is_enabled():
-            self.scaler.load_state_dict(scaler_state)
-        # plug-ins
-        states = ckpt.get("plugins") or {}
-        keys = _plugin_keys(self.plugins)
-        for k, p in zip(keys, self.plugins):
-            if k in states and callable(getattr(p, "load_state_dict", None)):
-                p.load_state_dict(states[k])
-            elif k not in states and states:
-                warnings.warn(f"load_checkpoint: no state for plug-in {k!r} in the checkpoint",
-                              RuntimeWarning, stacklevel=2)
-        unused = set(states) - set(keys)
-        if unused and any(states[k] for k in unused):
-            warnings.warn(f"load_checkpoint: the checkpoint holds the state of plug-ins that were not "
-                          f"given: {sorted(unused)}", RuntimeWarning, stacklevel=2)
-        # this rank's part
-        per_rank = ckpt["per_rank"]
-        if len(per_rank) == self.world_size:
-            mine = per_rank[self.rank]
-        else:
-            warnings.warn(f"load_checkpoint: saved with {len(per_rank)} rank(s), resumed with "
-                          f"{self.world_size}: RNG and loader states come from rank 0, the resumed "
-                          f"run is not bit-identical", RuntimeWarning, stacklevel=2)
-            mine = per_rank[0]
-        prog = ckpt["progress"]
-        data_restored = False
-        if mine.get("data") is not None and self._stateful_data():
-            self.train_data.load_state_dict(mine["data"])
-            data_restored = True
+        _ckpt.restore_trainer(self, ckpt, load_objects_state=load_objects_state, strict=strict)
+
+    def _progress_state(self) -> Dict[str, Any]:
+        """Counters and running metrics of the epoch in progress, for a checkpoint."""
+        return {"epoch": self.epoch, "global_step": self.global_step,
+                "batch_in_epoch": self.batch_in_epoch, "samples_seen": self.samples_seen,
+                "acc": self._acc.detach().cpu(), "acc_count": self._acc_count,
+                "has_acc": self._has_acc, "epoch_samples": self._epoch_samples,
+                "epoch_time": self._epoch_time, "extra": dict(self._extra),
+                "batch_size": self.batch_size, "log_every": self.log_every}
+
+    def _restore_progress(self, prog: Dict[str, Any], history: Sequence[Dict[str, Any]]) -> None:
+        """Inverse of :meth:`_progress_state` (after the loader's own state is restored)."""
         bs = prog.get("batch_size")
         if (bs is not None and callable(getattr(self.train_data, "set_batch_size", None))
                 and self.batch_size != bs and bs % self.world_size == 0):
             self._set_loader_batch_size(bs)
         self._batch_size = bs
-        # counters, running metrics, history
         self.epoch = prog["epoch"]
         self.global_step = prog["global_step"]
         self.batch_in_epoch = prog["batch_in_epoch"]
@@ -932,93 +832,6 @@ class Trainer:
         self._epoch_samples = prog["epoch_samples"]
         self._epoch_time = prog["epoch_time"]
         self._extra = dict(prog.get("extra") or {})
-        self.history = History(ckpt.get("history") or [])
+        self.history = History(history)
         self._epoch_iter = None
-        self._resume = {"rng": mine.get("rng"), "epoch_rng": mine.get("epoch_rng"),
-                        "data_restored": data_restored}
         self._saved_step = self.global_step
-        _ckpt.restore_rng(mine.get("rng"), self.device)
-
-
-def load(path: str, train_data: Optional[Iterable] = None, *, device: Union[str, torch.device, None] = None,
-         plugins: Sequence[Any] = (), model: Optional[nn.Module] = None,
-         optimizer: Union[None, torch.optim.Optimizer, Callable[[nn.Module], torch.optim.Optimizer]] = None,
-         scheduler: Union[None, Any, Callable[[torch.optim.Optimizer], Any]] = None,
-         map_location=None, **overrides) -> Trainer:
-    """Rebuilds a :class:`Trainer` from a checkpoint written by :meth:`Trainer.save`, ready to
-    continue with ``fit()`` exactly where the checkpoint was taken.
-
-    The model is the checkpoint's own object — its architecture as it was at save time (a pruned
-    / reconfigured ``GraphModule`` included) — with the optimizer and scheduler pickled with it
-    (same hyper-parameters, param groups and state). Pass ``model=`` (a module of the same
-    architecture) to load the weights into your own; then ``optimizer`` (an optimizer over it, or
-    ``fn(model)``) is required and ``scheduler`` (or ``fn(optimizer)``) too if one was saved.
-    ``train_data`` (and ``eval_data=``) are not in the checkpoint: pass them (built the same way);
-    a loader with ``load_state_dict`` gets its saved state. Without ``train_data`` the trainer
-    serves to inspect or evaluate (``load(path).model`` is the saved model) but cannot ``fit``. ``plugins`` are code, not state: pass
-    the same plug-ins (same classes, same order); their ``load_state_dict`` gets their saved
-    state. ``overrides`` are Trainer arguments that replace the saved ones (``max_epochs``,
-    ``checkpoint_dir``, ``loss_fn``...).
-
-    ``device`` (default: CUDA when available, else CPU; under DDP set it to the rank's device)
-    is also the ``map_location`` unless that is given. This unpickles code objects
-    (``torch.load(weights_only=False)``): only load checkpoints you trust."""
-    if device is None:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    ckpt = _ckpt.load_file(path, map_location=map_location if map_location is not None else device)
-    objects = ckpt["objects"]
-    from_objects = model is None
-    if from_objects:
-        model = objects.get("model")
-        if model is None:
-            raise ValueError(f"load: the checkpoint has no model object ({objects.get('error')}); "
-                             f"pass model= and optimizer=")
-        if optimizer is None:
-            optimizer = objects["optimizer"]
-        if scheduler is None:
-            scheduler = objects.get("scheduler")
-            if scheduler is None and ckpt["scheduler_state"] is not None:
-                raise ValueError(f"load: the checkpoint's LR scheduler could not be pickled "
-                                 f"({objects.get('error')}); pass scheduler=fn(optimizer)")
-    model = model.to(device)
-    restore_optimizer = restore_scheduler = not from_objects
-    if optimizer is None:
-        raise ValueError("load: with model= the optimizer is needed too (optimizer= an optimizer "
-                         "over the model, or fn(model) -> optimizer)")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer, restore_optimizer = optimizer(model), True
-    elif from_objects and optimizer is not objects["optimizer"]:
-        restore_optimizer = True
-    if scheduler is not None and not hasattr(scheduler, "state_dict"):
-        scheduler, restore_scheduler = scheduler(optimizer), True
-    elif scheduler is not None and from_objects and scheduler is not objects.get("scheduler"):
-        restore_scheduler = True
-    if scheduler is None and ckpt["scheduler_state"] is not None:
-        warnings.warn("load: the checkpoint had an LR scheduler; none is given", RuntimeWarning,
-                      stacklevel=2)
-    if not from_objects:
-        model.load_state_dict(ckpt["model_state"])
-    if restore_optimizer:
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-    if restore_scheduler and scheduler is not None and ckpt["scheduler_state"] is not None:
-        scheduler.load_state_dict(ckpt["scheduler_state"])
-    if from_objects:
-        # optimizer state tensors follow their parameters (a checkpoint moved across devices)
-        for p, st in optimizer.state.items():
-            for k, v in st.items():
-                if isinstance(v, Tensor) and v.device != p.device and k != "step":
-                    st[k] = v.to(p.device)
-    config = dict(ckpt.get("config") or {})
-    if config.get("loss_fn") is None:
-        config.pop("loss_fn", None)
-        if "loss_fn" not in overrides:
-            warnings.warn("load: the saved loss function could not be pickled; using "
-                          "F.cross_entropy (pass loss_fn=)", RuntimeWarning, stacklevel=2)
-    config.update(overrides)
-    trainer = Trainer(model, optimizer, train_data, device=device, scheduler=scheduler,
-                      plugins=plugins, **config)
-    trainer.load_checkpoint(ckpt, load_objects_state=False)
-    return trainer

@@ -1,0 +1,43 @@
+"""Small helpers shared across the Python side of pyoptim (one module, so none is written twice).
+
+* :func:`dist_on`: whether ``torch.distributed`` is up (available and initialised).
+* :func:`synchronize`: waits for the device's queued work, so that a host clock measures it.
+* :func:`acc_dtype`: the accumulation dtype of an input dtype (float64 for float64, float32 for
+  float32, float16 and bfloat16). The C++ kernels use the same rule under the same name
+  (``acc_dtype`` in ``csrc/checks.h``), the Triton kernels import it from here through
+  ``triton_kernels/_common.py``.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["dist_on", "synchronize", "acc_dtype"]
+
+
+def dist_on() -> bool:
+    """``torch.distributed`` is available and a process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def synchronize(device: Union[str, torch.device, None]) -> None:
+    """Blocks until the work queued on ``device`` is done (CUDA, or another accelerator through
+    ``torch.accelerator``), so that a wall-clock reading covers it; a no-op on the CPU, whose
+    kernels run synchronously."""
+    if device is None:
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type not in ("cpu", "meta"):
+        acc = getattr(torch, "accelerator", None)
+        if acc is not None and hasattr(acc, "synchronize"):
+            acc.synchronize(device)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and norms accumulate in: float64 for float64 inputs, float32 otherwise
+    (float32, float16, bfloat16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

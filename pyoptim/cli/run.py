@@ -1,0 +1,230 @@
+"""One training run of the ``pyoptim`` command, built from its parsed options.
+
+:func:`build_run` turns the options into a :class:`Run`: the data (two
+:class:`~pyoptim.data.DeviceLoader`), for a budget the clock and the planner's or the width
+probes' choices, the model, the optimizer and LR schedule, the plug-ins (``Budgeted``,
+``PruneTrain``, the :class:`Recorder`) and the :class:`~pyoptim.train.Trainer` over them.
+:func:`run_training` builds one, fits it and hands it to :mod:`pyoptim.report`, which writes
+``report.json`` and ``report.png``. Every command and benchmark that trains goes through here.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..flops import flops_per_sample
+from ..train import Plugin
+from .options import parse_knobs, parse_width
+
+__all__ = ["DataError", "Run", "Recorder", "build_run", "run_training", "build_model", "layer_channels"]
+
+
+class DataError(RuntimeError):
+    """The data set of a run is missing or unreadable."""
+
+
+def build_model(name: str, num_classes: int, in_channels: int, width: float):
+    from .. import models
+    if name == "mobilenetv2":
+        return models.mobilenet_v2(width=width, num_classes=num_classes, in_channels=in_channels)
+    return getattr(models, name)(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def layer_channels(model) -> Dict[str, int]:
+    """Output channels of every conv layer, by module name (of the unfused model)."""
+    import torch.nn as nn
+    from ..prune.fuse import FusedModel
+    base = model.unfused if isinstance(model, FusedModel) else model
+    return {n: m.out_channels for n, m in base.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+class Recorder(Plugin):
+    """Runs last at every epoch end (after PruneTrain's reconfiguration): records the channels per
+    conv layer and the training FLOPs per sample of the model the next epoch trains, and adds
+    them to the epoch's row (``channels``, ``train_flops_per_sample``). A model that keeps its
+    size (no PruneTrain) is counted once, before training: a count costs budget."""
+    name = "recorder"
+
+    def __init__(self, example, recount: bool):
+        self.example, self.recount = example, recount
+        self.layers: List[Dict[str, int]] = []      # per epoch end
+        self.flops: List[float] = []                # training FLOPs per sample, per epoch end
+        self.layers0: Dict[str, int] = {}
+        self.forward0 = self.train0 = 0.0
+
+    def count_initial(self, model) -> None:
+        """Channels and FLOPs per sample of the model before training."""
+        self.layers0 = layer_channels(model)
+        self.forward0, self.train0 = flops_per_sample(model, self.example)
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        self.layers.append(layer_channels(trainer.model))
+        fl = flops_per_sample(trainer.model, self.example)[1] if self.recount else self.train0
+        self.flops.append(fl)
+        metrics["train_flops_per_sample"] = fl
+        metrics["channels"] = sum(self.layers[-1].values())
+
+
+@dataclass
+class Run:
+    """Everything one ``pyoptim train`` run is made of (see :func:`build_run`)."""
+    args: Any
+    device: Any
+    trainer: Any
+    recorder: Recorder
+    clock: Any = None                  # BudgetClock, for a budgeted run
+    budget: Any = None                 # the Budgeted plug-in
+    prune: Any = None                  # the PruneTrain plug-in
+    width: Any = 1.0
+    knobs: List[str] = field(default_factory=list)
+    plan: Optional[Dict[str, Any]] = None
+    t_start: float = 0.0               # when building started (perf_counter)
+
+
+def _load_data(args, device):
+    from .. import data as pdata
+    ds_kwargs = {}
+    if pdata.canonical_name(args.data) == "synthetic":
+        ds_kwargs = dict(num_samples=args.synthetic_samples, num_classes=10, image_size=16, in_channels=1, seed=0)
+    try:
+        spec = pdata.dataset_spec(args.data, **({k: ds_kwargs[k] for k in ("num_classes", "in_channels")}
+                                                 if ds_kwargs else {}))
+        xtr, ytr = pdata.load_dataset(args.data, "train", args.data_dir, **ds_kwargs)
+        xte, yte = pdata.load_dataset(args.data, "test", args.data_dir, **ds_kwargs)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise DataError(str(exc)) from exc
+    if args.train_subset:
+        xtr, ytr = xtr[: args.train_subset], ytr[: args.train_subset]
+    norm = dict(mean=spec.mean, std=spec.std, device=device)
+    train = pdata.DeviceLoader(xtr, ytr, args.batch_size, shuffle=True, augment=True,
+                               crop_padding=spec.crop_padding, flip=spec.flip, seed=args.seed, **norm)
+    test = pdata.DeviceLoader(xte, yte, 512, shuffle=False, augment=False, **norm)
+    return spec, train, test
+
+
+def _budget_setup(args, clock, knobs, width, train, spec, device):
+    """Applies the model and data knobs before the model is built: ``auto`` runs the planner,
+    ``width`` (or ``--width auto``) the width probes; a selector scoring by a forward pass
+    (``--select-scores forward``) makes the loader's batch the pool (``--batch-size /
+    --select-fraction``) so the trained batch stays ``--batch-size``."""
+    from ..budget import choose_width, plan
+    info = None
+
+    def model_fn(w):
+        return build_model(args.model, spec.num_classes, spec.in_channels, w).to(device)
+
+    if "auto" in knobs:
+        p = plan(model_fn, train, clock=clock, batch_size=args.batch_size,
+                 min_epochs=args.min_epochs, min_params_per_sample=args.min_params_per_sample,
+                 select_fraction=args.select_fraction, select_scores=args.select_scores,
+                 warmup=args.warmup, augment_max_epochs=getattr(args, "augment_max_epochs", 12.0) or None)
+        info = p.as_dict()
+        print(p.explain(), file=sys.stderr)
+        knobs = [k for k in knobs if k not in ("auto", "width")] + [k for k in p.knobs if k not in knobs]
+        width = p.width
+        if p.batch_size and p.batch_size != train.batch_size:
+            train.set_batch_size(p.batch_size)
+        return width, knobs, info
+    if "width" in knobs or width == "auto":
+        wc = choose_width(model_fn, train, clock=clock, min_epochs=args.min_epochs,
+                          min_params_per_sample=args.min_params_per_sample)
+        info = {"width_choice": wc.as_dict()}
+        print(f"width: {wc.reason}", file=sys.stderr)
+        width = wc.width
+        knobs = [k for k in knobs if k != "width"]
+    if args.select_scores == "forward" and any(k in ("selective", "importance") for k in knobs):
+        train.set_batch_size(max(1, int(round(args.batch_size / args.select_fraction))))
+    return width, knobs, info
+
+
+def _plugins(args, clock, knobs, augment_until):
+    """The Budgeted and PruneTrain plug-ins the options ask for (either may be ``None``)."""
+    from ..prune import PruneTrain
+    from .. import report
+    budget = prune = None
+    if clock is not None:
+        from ..budget import Budgeted
+        budget = Budgeted(knobs=knobs, clock=clock, warmup=args.warmup,
+                          ema_decay=args.ema_decay, select_fraction=args.select_fraction,
+                          select_scores=args.select_scores, select_per_class=args.select_per_class,
+                          epoch_eval=not args.no_epoch_eval,
+                          reserve_s=report.reserve_seconds(),   # writing the report is counted
+                          seed=args.seed, augment_until=augment_until)
+    if args.method == "prunetrain":
+        prune = PruneTrain(lpr=args.lpr, interval=args.interval, threshold=args.threshold,
+                           grow_batch=not args.no_grow_batch, round_to=args.round_to, fuse=args.fuse,
+                           max_batch_size=args.max_batch_size or None, timing=True)
+    return budget, prune
+
+
+def build_run(args, progress: bool = True) -> Run:
+    """A :class:`Run` from ``pyoptim train``'s parsed options, ready to ``run.trainer.fit()``.
+    For a budget the clock starts here: everything from now on counts. Raises
+    :class:`DataError` for a missing or corrupt data set (the message says where it looked) and
+    ``SystemExit`` (one line) for options that contradict each other."""
+    import torch
+    from ..train import Trainer
+    from .progress import budget_printer, training_printer
+
+    budget_s = getattr(args, "budget", None)
+    if getattr(args, "method", None) is None:
+        args.method = "dense" if budget_s else "prunetrain"
+    clock = None
+    if budget_s:
+        from ..budget import BudgetClock
+        clock = BudgetClock(budget_s)      # the one clock: everything from here on is counted
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    t_start = time.perf_counter()
+    spec, train, test = _load_data(args, device)
+    knobs = parse_knobs(getattr(args, "knobs", None)) if clock is not None else []
+    width, plan_info = parse_width(args.width), None
+    if width == "auto" and clock is None:
+        raise SystemExit("pyoptim: --width auto chooses the width for a budget: give --budget too")
+    augment_until = getattr(args, "augment_until", None)
+    if augment_until is not None and clock is None:
+        raise SystemExit("pyoptim: --augment-until is a share of the budget's training time: give --budget too")
+    if clock is not None:
+        width, knobs, plan_info = _budget_setup(args, clock, knobs, width, train, spec, device)
+        if augment_until is None and plan_info is not None:
+            augment_until = plan_info.get("augment_until")
+    model = build_model(args.model, spec.num_classes, spec.in_channels, width).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
+                          nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    budget, prune = _plugins(args, clock, knobs, augment_until)
+    if budget is not None and "schedule" in knobs:
+        sched = None                          # the budget-aware schedule sets the LR
+    example = next(iter(test.sample_batches(1)))[0][:2]     # does not move the test loader
+    recorder = Recorder(example, recount=prune is not None)
+    recorder.count_initial(model)             # before training: reconfigure resizes in place
+    plugins = [p for p in (budget, prune) if p is not None] + [recorder]
+    printer = False
+    if progress:
+        printer = (budget_printer(budget) if budget is not None else
+                   training_printer(args.epochs, sum(recorder.layers0.values()), recorder.train0))
+    os.makedirs(args.out, exist_ok=True)
+    max_epochs = None if (budget is not None and "schedule" in knobs) else args.epochs  # budget ends it
+    trainer = Trainer(model, opt, train, scheduler=sched, eval_data=test, plugins=plugins,
+                      max_epochs=max_epochs, log_every=args.log_every if progress else 0,
+                      progress=printer, amp=None if args.amp == "none" else args.amp,
+                      precise_bn=args.precise_bn)
+    return Run(args=args, device=device, trainer=trainer, recorder=recorder, clock=clock, budget=budget,
+               prune=prune, width=width, knobs=knobs, plan=plan_info, t_start=t_start)
+
+
+def run_training(args, progress: bool = True) -> Dict[str, Any]:
+    """One ``pyoptim train`` run from its parsed arguments (see :func:`pyoptim.cli.build_parser`):
+    :func:`build_run`, ``fit``, then :func:`pyoptim.report.write_training_report`. Returns the
+    report (written to ``args.out``/report.json with the picture report.png; ``report_path`` and
+    ``picture_path`` say where). Raises :class:`DataError` for a missing or corrupt data set."""
+    from .. import report
+    run = build_run(args, progress=progress)
+    t0 = time.perf_counter()
+    run.trainer.fit()
+    wall = time.perf_counter() - t0
+    rep = report.training_report(run, wall_s=wall, setup_s=t0 - run.t_start)
+    return report.write_training_report(rep, args.out, clock=run.clock)

@@ -26,10 +26,10 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-__all__ = ["pyplot", "write_json", "reserve_seconds", "training_report", "write_training_report",
-           "summary_line", "draw_training", "draw_budget", "draw_sweep", "draw_prunetrain_comparison",
-           "draw_budget_comparison", "device_name", "device_tag", "git_commit", "environment",
-           "write_result"]
+__all__ = ["pyplot", "write_json", "reserve_seconds", "layer_channels", "knob_label",
+           "training_report", "write_training_report", "summary_line", "draw_training",
+           "draw_budget", "draw_sweep", "draw_prunetrain_comparison", "draw_budget_comparison",
+           "device_name", "device_tag", "git_commit", "environment", "write_result"]
 
 
 def pyplot():
@@ -74,6 +74,21 @@ def reserve_seconds() -> float:
     return 2.0 * took + 0.2
 
 
+def layer_channels(model) -> Dict[str, int]:
+    """Output channels of every conv layer, by module name (of the unfused model of a
+    :class:`~pyoptim.prune.fuse.FusedModel`)."""
+    import torch.nn as nn
+    from .prune.fuse import FusedModel
+    base = model.unfused if isinstance(model, FusedModel) else model
+    return {n: m.out_channels for n, m in base.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def knob_label(knobs: str) -> str:
+    """A knob set as it names sweep run folders and legend entries: ``schedule+selective``,
+    ``none``."""
+    return knobs.replace(",", "+") if knobs and knobs != "none" else "none"
+
+
 def _decimate(points, n: int):
     points = list(points)
     if len(points) <= n:
@@ -91,7 +106,6 @@ def training_report(run, wall_s: float, setup_s: float) -> Dict[str, Any]:
     epoch's samples at the FLOPs of the model it trained), PruneTrain's reconfiguration events and
     timings, the final test accuracy, and for a budget the budget's result, timeline and LR."""
     from .flops import flops_per_sample
-    from .cli.run import layer_channels
     trainer, rec, prune, budget = run.trainer, run.recorder, run.prune, run.budget
     history = trainer.history
     # the model of epoch e is the one recorded at the end of epoch e - 1 (the initial one for e = 0)
@@ -252,7 +266,6 @@ def draw_budget(report: Dict[str, Any], path: str) -> Optional[str]:
 def draw_sweep(sweep: Dict[str, Any], path: str) -> Optional[str]:
     """Accuracy against budget (one line per knob set, log-scale seconds) and, beside it, the
     accuracy-against-seconds curve of every run."""
-    from .cli.options import knob_label
     plt = pyplot()
     if plt is None:
         return None

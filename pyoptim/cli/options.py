@@ -58,11 +58,6 @@ def parse_knobs(text) -> List[str]:
     return out
 
 
-def knob_label(knobs: str) -> str:
-    """A knob set as it names run folders and legend entries: ``schedule+selective``, ``none``."""
-    return knobs.replace(",", "+") if knobs and knobs != "none" else "none"
-
-
 def add_run_arguments(t: argparse.ArgumentParser) -> None:
     """Model, data, optimisation and PruneTrain options of a training run."""
     t.add_argument("--model", default="resnet32", choices=MODELS)

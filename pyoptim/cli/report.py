@@ -7,7 +7,6 @@ import os
 import sys
 
 from .. import report
-from .options import knob_label
 
 HELP = "redraw a run's (or a sweep's) picture and print its summary"
 
@@ -21,7 +20,7 @@ def _sweep(path: str, run_dir: str) -> int:
         sweep = json.load(f)
     png = report.draw_sweep(sweep, os.path.join(run_dir, "sweep.png"))
     for r in sweep["runs"]:
-        print(f"{knob_label(r['knobs']):16s} {r['budget_s']:8g} s: test accuracy "
+        print(f"{report.knob_label(r['knobs']):16s} {r['budget_s']:8g} s: test accuracy "
               f"{100 * (r['test_accuracy'] or 0):.2f}% ({r['steps']} steps, ended at {r['end_s']:.1f} s)")
     if png:
         print(f"picture: {png}")

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..flops import flops_per_sample
+from ..report import layer_channels
 from ..train import Plugin
 from .options import parse_knobs, parse_width
 
-__all__ = ["DataError", "Run", "Recorder", "build_run", "run_training", "build_model", "layer_channels"]
+__all__ = ["DataError", "Run", "Recorder", "build_run", "run_training", "build_model"]
 
 
 class DataError(RuntimeError):
@@ -31,14 +32,6 @@ def build_model(name: str, num_classes: int, in_channels: int, width: float):
     if name == "mobilenetv2":
         return models.mobilenet_v2(width=width, num_classes=num_classes, in_channels=in_channels)
     return getattr(models, name)(num_classes=num_classes, in_channels=in_channels, width=width)
-
-
-def layer_channels(model) -> Dict[str, int]:
-    """Output channels of every conv layer, by module name (of the unfused model)."""
-    import torch.nn as nn
-    from ..prune.fuse import FusedModel
-    base = model.unfused if isinstance(model, FusedModel) else model
-    return {n: m.out_channels for n, m in base.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 class Recorder(Plugin):

@@ -8,7 +8,8 @@ import sys
 from typing import Any, Dict
 
 from .. import report
-from .options import add_budget_arguments, add_run_arguments, knob_label, parse_knobs
+from ..report import knob_label
+from .options import add_budget_arguments, add_run_arguments, parse_knobs
 from .run import DataError, run_training
 
 HELP = "budgeted runs for several budgets (and knob sets); accuracy against budget"

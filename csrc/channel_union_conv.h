@@ -29,19 +29,14 @@
 namespace pyoptim {
 namespace channel_union_conv {
 
-
-inline at::ScalarType acc_type(at::ScalarType s) {
-  return (s == at::kHalf || s == at::kBFloat16) ? at::kFloat : s;
-}
-
 // A per-channel [C] tensor of the activation dtype or of the accumulation dtype.
 inline void check_channel_vector(const at::Tensor& v, const char* vn, const at::Tensor& x,
                                  int64_t C, const char* op) {
   check_float(v, op, vn);
   check_device(x, "x", v, vn, op);
-  TORCH_CHECK(v.scalar_type() == x.scalar_type() || v.scalar_type() == acc_type(x.scalar_type()), op,
+  TORCH_CHECK(v.scalar_type() == x.scalar_type() || v.scalar_type() == acc_dtype(x.scalar_type()), op,
               ": ", vn, " has dtype ", v.scalar_type(), " but must be ", x.scalar_type(), " or ",
-              acc_type(x.scalar_type()), " (the dtype of x or its accumulation dtype)");
+              acc_dtype(x.scalar_type()), " (the dtype of x or its accumulation dtype)");
   TORCH_CHECK(v.dim() == 1 && v.size(0) == C, op, ": ", vn, " must have shape [", C, "], got ",
               v.sizes());
 }

@@ -1,11 +1,19 @@
 // Input checks shared by the op families' C++ and CUDA kernels: each message names the op and
-// the argument (the Python kernels mirror them in pyoptim/ops/_checks.py).
+// the argument (the Python kernels mirror them in pyoptim/ops/_checks.py); and the accumulation
+// dtype rule, acc_dtype.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 namespace pyoptim {
+
+// The dtype sums and norms accumulate in: float64 for float64 inputs, float32 otherwise (float32,
+// float16, bfloat16). The one rule of every backend (pyoptim/_util.py: acc_dtype for the
+// reference and Triton kernels).
+inline at::ScalarType acc_dtype(at::ScalarType s) {
+  return s == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");

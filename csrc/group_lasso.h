@@ -12,6 +12,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/OptionalArrayRef.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <optional>
 #include <string>
@@ -34,11 +36,6 @@ struct Geometry {
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-// Accumulation / norm dtype: float64 for float64 weights, float32 otherwise.
-inline at::ScalarType norm_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline Geometry check_weight(const at::Tensor& w, int64_t groups, const char* op,
@@ -131,7 +128,7 @@ inline void check_norms_backward(const at::Tensor& grad_out_norms, const at::Ten
                                  const at::Tensor& w, const at::Tensor& out_norms,
                                  const at::Tensor& in_norms, const Geometry& g) {
   const char* op = "group_lasso_norms_backward";
-  const auto nd = norm_dtype(w.scalar_type());
+  const auto nd = acc_dtype(w.scalar_type());
   auto check_vec = [&](const at::Tensor& t, const char* name, int64_t n) {
     TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
     TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n,

@@ -6,9 +6,42 @@ Kernels per op and device, in the order ``auto`` picks them:
 * CUDA tensors: the CUDA kernel (``csrc/cuda``) -> Triton (``pyoptim.triton_kernels``) -> reference.
 
 ``set_backend("cpp" | "triton" | "reference")`` (or ``PYOPTIM_BACKEND=...`` before import) forces
-one for every op on both devices, through the dispatcher: the Python kernels are registered over
-the compiled ones with a ``torch.library.Library`` that ``set_backend("auto")`` destroys again,
-so ``torch.ops.pyoptim.*``, ``torch.compile`` and ``opcheck`` all see the forced kernel.
+one for every op on both devices, through the dispatcher, so ``torch.ops.pyoptim.*``,
+``torch.compile`` and ``opcheck`` all see the forced kernel.
+
+How: the schemas and the C++/CUDA kernels are registered by ``csrc`` (``TORCH_LIBRARY``); each op
+family records its Python kernels with :func:`register_python_kernels`. ``set_backend`` registers
+the kernels the backend needs over the compiled ones in a fresh ``torch.library.Library`` and
+drops the previous one: a Library's registrations live as long as the object (its finalizer
+removes them), so no private ``Library._destroy`` is needed. Under ``auto`` with CUDA kernels
+built nothing is registered over them, and a call costs what the compiled kernel costs. (A
+kept Python kernel that dispatches on the selection on every call, over the compiled kernel from
+``torch.library.get_kernel``, was tried and dropped: it added about 5 us to every call of every
+op, 17 -> 22-24 us on a small ``group_lasso_norms``.)
+
+Why not ``torch.library.triton_op`` / ``wrap_triton`` for the Triton kernels (checked with torch
+2.13, triton 3.8, ``TRITON_INTERPRET=1``):
+
+* ``triton_op`` always defines a new operator (``custom_op`` with a schema inferred from the
+  Python signature; its ``schema=`` argument is not used), so it cannot be the kernel of an op
+  whose schema ``csrc/ops.cpp`` declares: ``triton_op("pyoptim::group_lasso_norms", ...)`` fails
+  with "Tried to register an operator (pyoptim::group_lasso_norms(Tensor w, SymInt groups=1) ->
+  (Tensor, Tensor)) with the same name and overload name multiple times".
+* A separate op per launcher (``pyoptim::group_lasso_norms_triton``, ...) fails ``opcheck``
+  under the interpreter, the only way the Triton kernels run in CI: ``triton_op`` registers the
+  launcher itself as the op's fake kernel and as its functionalization decomposition, and
+  ``wrap_triton`` hands an ``InterpretedFunction`` back unwrapped, so the interpreter gets
+  FakeTensors. ``test_faketensor``: "Attempted to set the storage of a tensor on device "meta" to
+  a storage on different device "cpu". This is no longer allowed; the devices must match.";
+  ``test_aot_dispatch_dynamic`` (also with a hand-written ``register_fake``): "Attempted to access
+  the data pointer on an invalid python storage." (``triton/runtime/interpreter.py`` ``_to_cpu``,
+  called from ``functional_decomp`` in ``torch/_library/triton.py``). ``test_schema``,
+  ``test_autograd_registration``, eager calls and the mutable list schema
+  (``Tensor(a1!)[] grads``) were fine.
+* Even on a GPU such ops would add eleven ``torch.ops.pyoptim`` ops that ``csrc/ops.cpp`` does
+  not declare, and gain nothing: the public ops are opaque to ``torch.compile`` (it uses their
+  fake kernels), so it never traces into a Triton kernel behind them; ``channel_compact``'s
+  launcher also reads ``data_ptr()`` (word alignment), which a fake tensor has not.
 """
 from __future__ import annotations
 
@@ -56,12 +89,10 @@ def triton_interpreted() -> bool:
 
 # name -> {"triton": fn, "reference": fn}, filled by each op family (pyoptim/ops/<family>.py)
 _PY_KERNELS: Dict[str, Dict[str, Callable]] = {}
-_override_lib: Optional[torch.library.Library] = None
 _backend = "auto"
-
-
-def register_python_kernels(op_name: str, triton: Optional[Callable], reference: Callable) -> None:
-    _PY_KERNELS[op_name] = {"triton": triton, "reference": reference}
+# the Library holding the Python kernels the selected backend needs; replacing it drops the
+# previous registrations
+_override_lib: Optional[torch.library.Library] = None
 
 
 def _cpp_cuda_missing(op_name: str) -> Callable:
@@ -76,12 +107,17 @@ def _triton_or_reference(kernels: Dict[str, Callable]) -> Callable:
     return kernels["triton"] if (HAS_TRITON and kernels["triton"] is not None) else kernels["reference"]
 
 
+def register_python_kernels(op_name: str, triton: Optional[Callable], reference: Callable) -> None:
+    """Records the Triton and reference kernels of ``pyoptim::op_name`` (registered in the
+    dispatcher by :func:`set_backend` when a backend needs them)."""
+    _PY_KERNELS[op_name] = {"triton": triton, "reference": reference}
+
+
 def _install(backend: str) -> None:
-    """Registers the Python kernels that ``backend`` needs over the compiled ones."""
+    """Registers the Python kernels that ``backend`` needs over the compiled ones, in a new Library
+    that replaces (and so releases) the previous one."""
     global _override_lib
-    if _override_lib is not None:
-        _override_lib._destroy()
-        _override_lib = None
+    _override_lib = None         # its finalizer removes its registrations
     if not HAS_CPP:
         return  # no schemas: pyoptim.ops calls the Python kernels directly
     lib = torch.library.Library("pyoptim", "IMPL")
@@ -96,8 +132,6 @@ def _install(backend: str) -> None:
                 cuda = None if HAS_CUDA_KERNELS else _cpp_cuda_missing(name)
             else:
                 cpu = cuda = kernels[backend]
-                if cpu is None:
-                    raise RuntimeError(f"pyoptim::{name} has no {backend} kernel")
             if cpu is not None:
                 lib.impl(name, cpu, "CPU")
             if cuda is not None:
@@ -115,6 +149,10 @@ def set_backend(name: str) -> None:
         raise RuntimeError(f"pyoptim.set_backend('cpp'): the compiled extension is not loaded ({_C_ERROR})")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("pyoptim.set_backend('triton'): the triton package is not installed")
+    if name in ("triton", "reference"):
+        for op_name, kernels in _PY_KERNELS.items():
+            if kernels[name] is None:
+                raise RuntimeError(f"pyoptim::{op_name} has no {name} kernel")
     _install(name)
     _backend = name
 

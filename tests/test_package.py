@@ -54,6 +54,11 @@ def test_forced_backend_really_changes_the_kernel(monkeypatch):
     with pyoptim.use_backend("reference"):
         torch.ops.pyoptim.group_lasso_norms(w, 1)
     assert calls == [1]
+    for name in ("triton", "reference", "auto"):     # leaving a forced backend releases its kernels
+        with pyoptim.use_backend(name):
+            pass
+    torch.ops.pyoptim.group_lasso_norms(w, 1)
+    assert calls == [1]
 
 
 def run_python(code, **env):

@@ -1,12 +1,17 @@
-"""Triton helpers shared by the kernel families (imports triton, torch and the standard library)."""
+"""Triton helpers shared by the kernel families: device functions (``to_acc``, ``mma``,
+``split_range``) and host helpers (``acc_dtype``, ``next_pow2``, ``pair``, ``num_warps``,
+``split_f32``, ``num_sms``). Imports triton, torch, the standard library and, for ``acc_dtype``,
+``pyoptim._util`` (the one definition of the accumulation-dtype rule)."""
 import functools
 import math
 import struct
-from typing import Tuple
+from typing import Sequence, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
+
+from .._util import acc_dtype  # noqa: F401  (re-exported: one rule for every backend)
 
 
 @triton.jit
@@ -33,6 +38,24 @@ def split_range(sp, n, per_split):
     lo = sp * per_split
     hi = tl.minimum(n, lo + per_split)
     return lo, hi
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ``>= max(n, 1)`` (block sizes)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """``(v, v)`` for an int, else the two entries of ``v`` as ints."""
+    if isinstance(v, int):
+        return v, v
+    a, b = v
+    return int(a), int(b)
+
+
+def num_warps(tile: int) -> int:
+    """Warps for a program over ``tile`` elements: 1 below 512, 2, 4 from 2048, 8 from 8192."""
+    return 8 if tile >= 8192 else 4 if tile >= 2048 else 2 if tile >= 512 else 1
 
 
 def split_f32(x: float) -> Tuple[float, float]:

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import next_pow2, num_warps
+
 __all__ = ["channel_compact"]
 
 # word dtypes by width in bytes (integer only: a pure bit copy, no float canonicalisation)
@@ -59,14 +61,6 @@ def _cc_gather_kernel(src_ptr, dst_ptr, idx_ptr, K, SIZE, INNER, n_rows, n_ct,
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
-def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def _warps(tile: int) -> int:
-    return 8 if tile >= 8192 else 4 if tile >= 2048 else 2 if tile >= 512 else 1
-
-
 def _word(src_bytes: Tensor, dst_bytes: Tensor, inner_bytes: int):
     """Widest integer word that divides the row length and both base addresses."""
     for width, dtype in _WORDS:
@@ -106,13 +100,13 @@ def _compact_one(t: Tensor, dim: int, idx: Tensor) -> Tensor:
     inner_w = inner_bytes // width
 
     n_rows = outer * k
-    block_c = min(_np2(inner_w), 1024)
-    block_r = min(_np2(n_rows), max(1, 4096 // block_c))
+    block_c = min(next_pow2(inner_w), 1024)
+    block_r = min(next_pow2(n_rows), max(1, 4096 // block_c))
     n_ct = triton.cdiv(inner_w, block_c)
     n_rt = triton.cdiv(n_rows, block_r)
     _cc_gather_kernel[(n_rt * n_ct,)](src_w, dst_w, idx, k, size, inner_w, n_rows, n_ct,
                                       BLOCK_R=block_r, BLOCK_C=block_c,
-                                      num_warps=_warps(block_r * block_c))
+                                      num_warps=num_warps(block_r * block_c))
     return out
 
 

@@ -95,6 +95,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import acc_dtype, next_pow2, pair
 from ._common import mma as _mma
 from ._common import num_sms as _num_sms
 from ._common import split_f32 as _split_f32
@@ -498,10 +499,6 @@ def _bn_bwd_apply_kernel(go_ptr, out_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, co
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _activation_format(x: Tensor) -> torch.memory_format:
     """channels_last when x is channels_last-contiguous and not NCHW-contiguous, else NCHW."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -509,29 +506,18 @@ def _activation_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def _pair(v) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    a, b = v
-    return int(a), int(b)
-
-
 def _gemm_cfg(Kg: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_N, BLOCK_K, num_warps of the implicit-GEMM conv (tl.dot needs >= 16).
     float64 uses the broadcast-product path: a [32, 8, <=16] product per step."""
     if dtype == torch.float64:
-        return 32, min(_np2(Kg), 16), 8, 4
-    block_n = min(max(_np2(Kg), 16), 64)
+        return 32, min(next_pow2(Kg), 16), 8, 4
+    block_n = min(max(next_pow2(Kg), 16), 64)
     return 64, block_n, 32, (4 if block_n == 16 else 8)
 
 
 def _direct_cfg(K: int, fp64: bool) -> Tuple[int, int, int]:
     """BLOCK_M, BLOCK_C, num_warps of the direct (depthwise) conv."""
-    block_c = min(_np2(K), 16 if fp64 else 32)
+    block_c = min(next_pow2(K), 16 if fp64 else 32)
     return 64, block_c, max(1, min(8, 64 * block_c // 256))
 
 
@@ -540,9 +526,9 @@ def _conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
             relu: bool, direct: Optional[bool] = None) -> Tensor:
     N, C, H, W = (int(v) for v in x.shape)
     K, Cg, R, S = (int(v) for v in weight.shape)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
+    dh, dw = pair(dilation)
     groups = int(groups)
     P = (H + 2 * ph - dh * (R - 1) - 1) // sh + 1
     Q = (W + 2 * pw - dw * (S - 1) - 1) // sw + 1
@@ -590,8 +576,8 @@ def _conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
 def _finish_cfg(n_split: int, C: int) -> Tuple[int, int, int]:
     """BLOCK_S, BLOCK_C, num_warps of the finish kernels: [BLOCK_S, BLOCK_C] tiles of the
     [n_split, C] partials (channels contiguous), at most 2K elements."""
-    block_s = min(_np2(n_split), 64)
-    block_c = min(_np2(C), 256, max(1, 2048 // block_s))
+    block_s = min(next_pow2(n_split), 64)
+    block_c = min(next_pow2(C), 256, max(1, 2048 // block_s))
     tile = block_s * block_c
     return block_s, block_c, (4 if tile >= 1024 else 2 if tile >= 256 else 1)
 
@@ -614,11 +600,11 @@ class _BNGeometry:
         self.fp64 = x.dtype == torch.float64
         target = 1024 if self.fp64 else 2048  # elements per tile
         if self.c_inner:  # channel axis contiguous: wide channel blocks
-            self.BC = min(_np2(C), 32 if self.fp64 else 64)
-            self.BB = min(_np2(self.B), max(1, target // self.BC))
+            self.BC = min(next_pow2(C), 32 if self.fp64 else 64)
+            self.BB = min(next_pow2(self.B), max(1, target // self.BC))
         else:  # position axis contiguous
-            self.BB = min(_np2(self.B), target // 2)
-            self.BC = min(_np2(C), max(1, target // self.BB))
+            self.BB = min(next_pow2(self.B), target // 2)
+            self.BC = min(next_pow2(C), max(1, target // self.BB))
         self.nw = 4 if self.BC * self.BB >= 1024 else (2 if self.BC * self.BB >= 256 else 1)
         self.nb = triton.cdiv(self.B, self.BB)
         self.n_cb = triton.cdiv(C, self.BC)
@@ -652,7 +638,7 @@ def _batch_norm_add_relu(x: Tensor, weight: Tensor, bias: Tensor, residual: Opti
     if residual is not None:
         residual = residual.contiguous(memory_format=fmt)
     weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index [C] densely
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     geo = _BNGeometry(x, fmt, n_split)
     C = geo.C
     dev = x.device
@@ -687,7 +673,7 @@ def _batch_norm_add_relu_backward(grad_out: Tensor, out: Tensor, x: Tensor, weig
     if relu:
         out = out.contiguous(memory_format=fmt)
     weight, mean, invstd = weight.contiguous(), mean.contiguous(), invstd.contiguous()
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     geo = _BNGeometry(x, fmt, n_split)
     C = geo.C
     dev = x.device

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import acc_dtype, next_pow2, num_warps
 from ._common import split_f32 as _split_f32
 from ._common import to_acc as _to_acc
 
@@ -179,10 +180,6 @@ def _gl_scale_kernel(w_ptr, dst_ptr, on_ptr, in_ptr, so_ptr, si_ptr, lam_hi, lam
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _geometry(w: Tensor, groups: int) -> Tuple[int, int, int, int]:
     assert w.dim() >= 2 and groups >= 1 and w.shape[0] % groups == 0
     K, Cg = int(w.shape[0]), int(w.shape[1])
@@ -192,31 +189,23 @@ def _geometry(w: Tensor, groups: int) -> Tuple[int, int, int, int]:
     return K, Cg, S, K // groups
 
 
-def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def _warps(tile: int) -> int:
-    return 8 if tile >= 8192 else 4 if tile >= 2048 else 2 if tile >= 512 else 1
-
-
 def _tile_cfg(KPG: int, N: int, fp64: bool) -> Tuple[int, int, int]:
     """BLOCK_K, BLOCK_N, num_warps of the tile kernels (~8K elements, ~4K for fp64)."""
-    block_n = min(_np2(N), 128 if fp64 else 256)
+    block_n = min(next_pow2(N), 128 if fp64 else 256)
     target = 4096 if fp64 else 8192
-    block_k = min(_np2(KPG), max(1, target // block_n), 64)
-    return block_k, block_n, _warps(block_k * block_n)
+    block_k = min(next_pow2(KPG), max(1, target // block_n), 64)
+    return block_k, block_n, num_warps(block_k * block_n)
 
 
 def _finish_cfg(K: int, n_ct: int, C: int, S: int, n_rt: int) -> Tuple[int, int, int, int, int]:
     """BLOCK_R, BLOCK_T (out part: [BLOCK_R, BLOCK_T] tiles of out_partial) and BLOCK_RT,
     BLOCK_C, BLOCK_S (in part: tiles of in_partial seen as [groups, n_rt, Cg, S]). Few column
     positions per program so that even a wide weight spreads over many programs."""
-    block_t = min(_np2(n_ct), 64)
-    block_r = min(_np2(K), max(1, 2048 // block_t))
-    block_s = min(_np2(S), 32)
-    block_c = min(_np2(C), max(1, 64 // block_s))
-    block_rt = min(_np2(n_rt), max(1, 2048 // (block_c * block_s)))
+    block_t = min(next_pow2(n_ct), 64)
+    block_r = min(next_pow2(K), max(1, 2048 // block_t))
+    block_s = min(next_pow2(S), 32)
+    block_c = min(next_pow2(C), max(1, 64 // block_s))
+    block_rt = min(next_pow2(n_rt), max(1, 2048 // (block_c * block_s)))
     return block_r, block_t, block_rt, block_c, block_s
 
 
@@ -260,7 +249,7 @@ def _norms_into(w: Tensor, groups: int, out_norms: Tensor, in_norms: Tensor) -> 
     block_r, block_t, block_rt, block_c, block_s = _finish_cfg(p.K, p.n_ct, C, p.S, p.n_rt)
     n_out_progs = triton.cdiv(p.K, block_r)
     n_in_progs = triton.cdiv(C, block_c)
-    nw = _warps(max(block_r * block_t, block_rt * block_c * block_s))
+    nw = num_warps(max(block_r * block_t, block_rt * block_c * block_s))
     _gl_finish_kernel[(n_out_progs + n_in_progs,)](
         out_part, in_part, out_norms, in_norms,
         p.K, p.n_ct, C, p.Cg, p.S, p.N, p.n_rt, n_out_progs,
@@ -279,7 +268,7 @@ def _scale(p: _Plan, w: Tensor, dst: Tensor, on: Tensor, inn: Tensor, so: Tensor
 
 
 def _alloc_norms(w: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
-    acc = _norm_dtype(w.dtype)
+    acc = acc_dtype(w.dtype)
     C = groups * int(w.shape[1])
     return (torch.empty(int(w.shape[0]), dtype=acc, device=w.device),
             torch.empty(C, dtype=acc, device=w.device))
@@ -302,7 +291,7 @@ def group_lasso_norms_backward(grad_out_norms: Tensor, grad_in_norms: Tensor, w:
     if w.numel() == 0:
         return out
     p = _Plan(w, groups)
-    acc = _norm_dtype(w.dtype)
+    acc = acc_dtype(w.dtype)
     cv = lambda t: t.to(dtype=acc).contiguous()  # no-ops for the usual inputs
     _scale(p, w, out, cv(out_norms), cv(in_norms), cv(grad_out_norms), cv(grad_in_norms),
            (0.0, 0.0), _MODE_BACKWARD)
@@ -325,7 +314,7 @@ def group_lasso_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], lam: f
     sizes = {}
     slots = []
     for w, gr in zip(weights, gl):
-        acc = _norm_dtype(w.dtype)
+        acc = acc_dtype(w.dtype)
         n = int(w.shape[0]) + gr * int(w.shape[1])
         slots.append((acc, sizes.get(acc, 0)))
         sizes[acc] = sizes.get(acc, 0) + n

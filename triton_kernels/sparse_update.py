@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import acc_dtype, next_pow2, pair
 from ._common import mma as _mma
 from ._common import num_sms as _num_sms
 from ._common import split_range as _split_range
@@ -273,14 +274,6 @@ def _split_sum_kernel(wp_ptr, w_ptr, n_w, bp_ptr, b_ptr, n_b, n_split, n_w_progs
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def _gemm_cfg(M: int, N: int, L: int, dtype: torch.dtype,
               conv: bool) -> Tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_N, BLOCK_L, num_warps of the GEMM kernels (tl.dot needs >= 16).
@@ -294,22 +287,22 @@ def _gemm_cfg(M: int, N: int, L: int, dtype: torch.dtype,
         cap, bl, max_tile, wide = 64, 32, 4096, (512 if conv else 2048)
     else:  # fp16 / bf16: wgmma
         cap, bl, max_tile, wide = 128, 32, (8192 if conv else 16384), (2048 if conv else 4096)
-    bm = min(max(_np2(M), 16), cap)
-    bn = min(max(_np2(N), 16), cap)
+    bm = min(max(next_pow2(M), 16), cap)
+    bn = min(max(next_pow2(N), 16), cap)
     while bm * bn > max_tile:
         if bn >= bm:
             bn //= 2
         else:
             bm //= 2
-    bl = min(bl, max(_np2(L), 16))
+    bl = min(bl, max(next_pow2(L), 16))
     return bm, bn, bl, (8 if bm * bn > wide else 4)  # wide: most elements for 4 warps
 
 
 def _dw_cfg(K: int, L: int, fp64: bool) -> Tuple[int, int, int]:
     """BLOCK_C, BLOCK_L, num_warps of the depthwise kernel (~2K-element tiles, 1K for fp64)."""
     target = 1024 if fp64 else 2048
-    bl = min(_np2(L), 128 if fp64 else 256)
-    bc = min(_np2(K), max(1, target // bl))
+    bl = min(next_pow2(L), 128 if fp64 else 256)
+    bc = min(next_pow2(K), max(1, target // bl))
     return bc, bl, max(1, min(4, bc * bl // 256))
 
 
@@ -359,13 +352,6 @@ def _conv_out_size(h: int, k: int, s: int, p: int, d: int) -> int:
     return (h + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _pair(v) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    a, b = v
-    return int(a), int(b)
-
-
 def _conv2d_weight_grad(grad_out: Tensor, x: Tensor, weight_shape: Sequence[int],
                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                         groups: int, bias_grad: bool,
@@ -376,9 +362,9 @@ def _conv2d_weight_grad(grad_out: Tensor, x: Tensor, weight_shape: Sequence[int]
     N, C, H, W = (int(v) for v in x.shape)
     Ng, K, P, Q = (int(v) for v in grad_out.shape)
     Kw, Cg, R, S = (int(v) for v in weight_shape)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
+    dh, dw = pair(dilation)
     assert sh >= 1 and sw >= 1 and dh >= 1 and dw >= 1 and ph >= 0 and pw >= 0
     groups = int(groups)
     assert Ng == N and Kw == K, "grad_out / weight_shape mismatch"
@@ -399,7 +385,7 @@ def _conv2d_weight_grad(grad_out: Tensor, x: Tensor, weight_shape: Sequence[int]
     if gw.numel() == 0 and gb is None:
         return gw, gb
     assert L <= _MAX_L and gw.numel() <= _INT32_MAX, "too large for int32 indices"
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     fp64 = x.dtype == torch.float64
     sg = [int(v) for v in grad_out.stride()]
     sx = [int(v) for v in x.stride()]
@@ -459,7 +445,7 @@ def _linear_weight_grad(grad_out: Tensor, x: Tensor, bias_grad: bool,
     if KI == 0 and gb is None:
         return gw, gb
     assert M <= _MAX_L and gw.numel() <= _INT32_MAX, "too large for int32 indices"
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     fp64 = x.dtype == torch.float64
     bm, bn, bl, nw = _gemm_cfg(K, KI, M, x.dtype, False)
     n_mt = triton.cdiv(K, bm)

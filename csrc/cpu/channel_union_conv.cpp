@@ -262,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_add_relu_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_add_relu", [&] {
     bn_forward_kernel<scalar_t>(x, has_res ? &res : nullptr, w, b, eps, relu, g, out, mean, invstd);
   });
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = acc_dtype(x.scalar_type());
   at::Tensor mean_t = at::tensor(mean, at::TensorOptions().dtype(at::kDouble)).to(acc);
   at::Tensor invstd_t = at::tensor(invstd, at::TensorOptions().dtype(at::kDouble)).to(acc);
   return {out, mean_t, invstd_t};

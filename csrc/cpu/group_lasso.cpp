@@ -296,7 +296,7 @@ std::vector<at::Tensor> alloc_norms(const std::vector<Geometry>& geo, at::Scalar
   std::vector<at::Tensor> v;
   v.reserve(geo.size());
   for (const auto& g : geo)
-    v.push_back(at::empty({out ? g.K : g.in_channels()}, at::TensorOptions().dtype(norm_dtype(wt))));
+    v.push_back(at::empty({out ? g.K : g.in_channels()}, at::TensorOptions().dtype(acc_dtype(wt))));
   return v;
 }
 
@@ -349,7 +349,7 @@ at::Tensor group_lasso_grad_cpu(at::TensorList weights, at::TensorList grads, do
   dispatch_float(wt, [&](auto tag) {
     penalty = run<decltype(tag)>(Mode::kGrad, ws, gs, geo, lam, on, in, nullptr, nullptr, nullptr, nullptr);
   });
-  return at::scalar_tensor(penalty * lam, at::TensorOptions().dtype(norm_dtype(wt)));
+  return at::scalar_tensor(penalty * lam, at::TensorOptions().dtype(acc_dtype(wt)));
 }
 
 std::tuple<at::Tensor, at::Tensor> group_lasso_prune_cpu(at::TensorList weights, double threshold,

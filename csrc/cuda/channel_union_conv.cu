@@ -706,7 +706,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_add_relu_cuda(
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::MemoryFormat fmt = activation_format(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
-  const at::ScalarType acc = acc_type(x.scalar_type());
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
   const int64_t C = x.size(1);
   // [C] host-side conversions to the accumulation dtype (no-ops when already there).
@@ -775,7 +775,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_add_relu_b
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor grad_out = grad_out_in.contiguous(fmt);
   const at::Tensor out = out_in.contiguous(fmt);
-  const at::ScalarType acc = acc_type(x.scalar_type());
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
   const int64_t C = x.size(1);
   const at::Tensor w = weight.to(acc).contiguous();

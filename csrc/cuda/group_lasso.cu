@@ -400,8 +400,8 @@ Plan<acc_t> make_plan(at::TensorList weights, const std::vector<Geometry>& geo, 
   const int64_t coef_at = need_partials ? rows_total + cols_total : 0;
   const int64_t bsum_at = coef_at + (want_coef ? norms_total : 0);
   const int64_t ws_size = bsum_at + (want_block_sums ? p.n_norm_items() : 0);
-  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  p.workspace = at::empty({ws_size}, weights[0].options().dtype(acc_dtype));
+  const auto ws_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  p.workspace = at::empty({ws_size}, weights[0].options().dtype(ws_dtype));
   acc_t* ws = p.workspace.template mutable_data_ptr<acc_t>();
   if (want_coef) p.coef_base = ws + coef_at;
   if (want_block_sums) p.block_sums = ws + bsum_at;
@@ -478,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor> group_lasso_norms_cuda(const at::Tensor& w, i
   check_cuda(w, op, "w");
   c10::cuda::CUDAGuard guard(w.device());
   const at::ScalarType dtype = w.scalar_type();
-  const auto nopts = w.options().dtype(norm_dtype(dtype));
+  const auto nopts = w.options().dtype(acc_dtype(dtype));
   at::Tensor out_norms = at::empty({geo.K}, nopts);
   at::Tensor in_norms = at::empty({geo.in_channels()}, nopts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -535,7 +535,7 @@ at::Tensor group_lasso_grad_cuda(at::TensorList weights, at::TensorList grads, d
   check_cuda(weights[0], op, "weights[0]");
   c10::cuda::CUDAGuard guard(weights[0].device());
   const at::ScalarType dtype = weights[0].scalar_type();
-  at::Tensor penalty = at::empty({}, weights[0].options().dtype(norm_dtype(dtype)));
+  at::Tensor penalty = at::empty({}, weights[0].options().dtype(acc_dtype(dtype)));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "group_lasso_grad_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;

@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from .._util import acc_dtype
 from ._checks import check_device as _check_device
 from ._checks import check_float as _check_float
 from ._checks import check_pair as _check_pair
 from ._checks import check_same as _check_same
+from ._checks import pair
 from ..reference import channel_union_conv as ref
 
 
@@ -44,7 +46,7 @@ from ..reference import channel_union_conv as ref
 def _check_channel_vector(v, vn: str, x: Tensor, C: int, op: str) -> None:
     _check_float(v, op, vn)
     _check_device(x, "x", v, vn, op)
-    acc = ref.acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     if v.dtype not in (x.dtype, acc):
         raise RuntimeError(f"{op}: {vn} has dtype {v.dtype} but must be {x.dtype} or {acc} (the dtype "
                            f"of x or its accumulation dtype)")
@@ -252,7 +254,7 @@ if _backend.HAS_CPP:
     @torch.library.register_fake("pyoptim::batch_norm_add_relu")
     def _(x, weight, bias, residual, eps, relu=True):
         _check_bn_forward(x, weight, bias, residual, eps)
-        acc = ref.acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         out = x.new_empty_strided(x.shape, _format_strides(x.shape, ref.activation_format(x)))
         C = x.shape[1]
         return out, x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc)
@@ -294,15 +296,11 @@ class _BNFunction(torch.autograd.Function):
 
 # ---- typed wrappers ------------------------------------------------------------------------------
 
-def _pair(v) -> List[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
-
-
 def channel_union_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          residual: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                          groups: int = 1, relu: bool = True) -> Tensor:
     """``act(conv2d(x, weight, bias, stride, padding, dilation, groups) + residual)`` in one kernel."""
-    args = (x, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), int(groups), bool(relu))
+    args = (x, weight, bias, residual, pair(stride), pair(padding), pair(dilation), int(groups), bool(relu))
     if _backend.HAS_CPP:
         return torch.ops.pyoptim.channel_union_conv2d(*args)
     return _ConvFunction.apply(*args)
@@ -331,7 +329,7 @@ def fold_batch_norm(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight:
                     eps: float) -> Tuple[Tensor, Tensor]:
     """Weight and bias of ``bn(conv(x))`` in eval mode as one conv: ``w * s``, ``(b - mean) * s + beta``
     with ``s = gamma / sqrt(var + eps)`` per output channel."""
-    acc = ref.acc_dtype(conv_weight.dtype)
+    acc = acc_dtype(conv_weight.dtype)
     scale = torch.rsqrt(running_var.to(acc) + eps)
     if bn_weight is not None:
         scale = scale * bn_weight.to(acc)
@@ -374,7 +372,7 @@ def conv_bn_add_relu(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
     if residual is not None and residual.shape != y.shape:
         # a broadcast addend (e.g. the per-channel constant of a removed residual branch)
         residual = residual.expand_as(y)
-    acc = ref.acc_dtype(y.dtype)
+    acc = acc_dtype(y.dtype)
     C = y.shape[1]
     weight = bn.weight if bn.weight is not None else torch.ones(C, dtype=acc, device=y.device)
     bias = bn.bias if bn.bias is not None else torch.zeros(C, dtype=acc, device=y.device)

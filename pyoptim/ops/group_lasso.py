@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._util import acc_dtype
 from ..reference import group_lasso as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -91,7 +92,7 @@ def _check_scalar(value: float, op: str, name: str) -> None:
 def _check_norms_backward(go, gi, w, on, inn, groups) -> None:
     op = "group_lasso_norms_backward"
     _check_weight(w, groups, op, "w")
-    nd = ref.norm_dtype(w.dtype)
+    nd = acc_dtype(w.dtype)
     K, C = w.shape[0], groups * w.shape[1]
     for t, name, n in ((go, "grad_out_norms", K), (gi, "grad_in_norms", C), (on, "out_norms", K),
                        (inn, "in_norms", C)):
@@ -181,7 +182,7 @@ if _backend.HAS_CPP:
     @torch.library.register_fake("pyoptim::group_lasso_norms")
     def _(w, groups=1):
         _check_weight(w, groups, "group_lasso_norms", "w")
-        nd = ref.norm_dtype(w.dtype)
+        nd = acc_dtype(w.dtype)
         return w.new_empty((w.shape[0],), dtype=nd), w.new_empty((groups * w.shape[1],), dtype=nd)
 
     @torch.library.register_fake("pyoptim::group_lasso_norms_backward")
@@ -194,7 +195,7 @@ if _backend.HAS_CPP:
         _check_lists(weights, grads, groups, "group_lasso_grad_")
         if len(weights) == 0:
             return torch.empty((), dtype=torch.float32)
-        return weights[0].new_empty((), dtype=ref.norm_dtype(weights[0].dtype))
+        return weights[0].new_empty((), dtype=acc_dtype(weights[0].dtype))
 
     @torch.library.register_fake("pyoptim::group_lasso_prune_")
     def _(weights, threshold, groups=None):

@@ -19,7 +19,7 @@ slice; Triton has its own weight-gradient kernels with the bias reduction fused;
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from .. import _backend
 from ._checks import check_float as _check_float
 from ._checks import check_pair as _check_pair
 from ._checks import check_same as _check_same
+from ._checks import pair
 from ..reference import sparse_update as ref
 
 
@@ -333,14 +334,10 @@ class _LinearFunction(torch.autograd.Function):
 
 # ---- typed wrappers ------------------------------------------------------------------------------
 
-def _pair(v) -> List[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
-
-
 def sparse_conv2d(x: Tensor, weight_train: Tensor, weight_frozen: Tensor, bias: Optional[Tensor] = None,
                   stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """``conv2d(x, cat(weight_train, weight_frozen), bias, ...)`` with the sparse backward."""
-    args = (x, weight_train, weight_frozen, bias, _pair(stride), _pair(padding), _pair(dilation), int(groups))
+    args = (x, weight_train, weight_frozen, bias, pair(stride), pair(padding), pair(dilation), int(groups))
     if _backend.HAS_CPP:
         return torch.ops.pyoptim.sparse_conv2d(*args)
     return _ConvFunction.apply(*args)
@@ -359,7 +356,7 @@ def sparse_conv2d_weight_grad(grad_out: Tensor, x: Tensor, weight_shape: Sequenc
                               bias_grad: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """Weight gradient of a conv of shape ``weight_shape`` (and ``grad_out.sum((0, 2, 3))``)."""
     gw, gb = _op("sparse_conv2d_weight_grad", x.device)(
-        grad_out, x, [int(s) for s in weight_shape], _pair(stride), _pair(padding), _pair(dilation),
+        grad_out, x, [int(s) for s in weight_shape], pair(stride), pair(padding), pair(dilation),
         int(groups), bool(bias_grad))
     return gw, (gb if bias_grad else None)
 

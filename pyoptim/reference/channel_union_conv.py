@@ -1,6 +1,7 @@
 """Reference of the channel-union convolution family in plain torch (see csrc/channel_union_conv.h).
 
-Computed in the accumulation dtype (float32 for float16/bfloat16, else the input dtype) and
+Computed in the accumulation dtype (``pyoptim._util.acc_dtype``: float64 for float64, float32
+for float32, float16 and bfloat16) and
 returned in the dtypes the kernels return: activations in x's dtype, statistics in the
 accumulation dtype, grad_weight/grad_bias in weight's dtype.
 """
@@ -12,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from .._util import acc_dtype
 
 
 def activation_format(x: Tensor) -> torch.memory_format:

@@ -22,9 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-
-def norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._util import acc_dtype
 
 
 def _spatial(w: Tensor) -> int:
@@ -37,7 +35,7 @@ def _spatial(w: Tensor) -> int:
 def _view4(w: Tensor, groups: int) -> Tensor:
     """``w`` as ``[groups, K/groups, Cg, S]`` in the accumulation dtype."""
     K, Cg, S = w.shape[0], w.shape[1], _spatial(w)
-    return w.to(norm_dtype(w.dtype)).reshape(groups, K // groups, Cg, S)
+    return w.to(acc_dtype(w.dtype)).reshape(groups, K // groups, Cg, S)
 
 
 def group_lasso_norms(w: Tensor, groups: int = 1) -> Tuple[Tensor, Tensor]:
@@ -86,7 +84,7 @@ def group_lasso_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], lam: f
     """Adds ``lam * (W/||W[k]|| + W/||W[:, c]||)`` into every grad; returns the penalty."""
     if len(weights) == 0:
         return torch.zeros((), dtype=torch.float32)
-    acc = norm_dtype(weights[0].dtype)
+    acc = acc_dtype(weights[0].dtype)
     penalty = torch.zeros((), dtype=acc, device=weights[0].device)
     for i, (w, g) in enumerate(zip(weights, grads)):
         gr = groups[i] if groups is not None else 1

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .._util import dist_on
 from . import checkpoint as _ckpt
+from . import batchnorm as _bn
 from .checkpoint import load
 from .schedule import scale_learning_rate
 
@@ -607,54 +608,22 @@ class Trainer:
         self._epoch_time += now - self._segment_start
         self._segment_start = now
 
-    @torch.no_grad()
     def sync_buffers(self) -> None:
         """Under DDP, makes the model's buffers identical on every rank: floating-point buffers
         (BN running statistics) are averaged over the ranks, the others (``num_batches_tracked``)
-        taken from rank 0. DDP itself only broadcasts rank 0's buffers at the start of each
-        forward, so after the last step each rank holds its own statistics; the trainer calls
-        this at every epoch end, before evaluating and checkpointing."""
-        if not self.distributed:
-            return
-        world = dist.get_world_size()
-        for buf in self.model.buffers():
-            if buf.is_floating_point():
-                dist.all_reduce(buf)
-                buf.div_(world)
-            else:
-                dist.broadcast(buf, 0)
+        taken from rank 0 (:func:`pyoptim.train.batchnorm.average_buffers`). DDP itself only
+        broadcasts rank 0's buffers at the start of each forward, so after the last step each
+        rank holds its own statistics; the trainer calls this at every epoch end, before
+        evaluating and checkpointing."""
+        if self.distributed:
+            _bn.average_buffers(self.model)
 
-    @torch.no_grad()
     def recalibrate_bn(self, batches: Iterable) -> int:
         """Recomputes every BatchNorm's running statistics as the plain average over ``batches``
-        (train-mode forwards without gradients, on this rank; ``momentum`` and
-        ``num_batches_tracked`` are restored afterwards). Running statistics are an exponential
-        average that lags when the weights change fast — under strong group lasso a shrinking
-        channel's variance falls by several percent per step, and eval-mode accuracy with the
-        lagging statistics can be far below train-mode accuracy. Returns the batches used."""
-        bns = [m for m in self.model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not bns:
-            return 0
-        saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in bns]
-        training = self.model.training
-        n = 0
-        try:
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None                  # cumulative average over the batches
-            self.model.train()
-            with self.autocast():
-                for batch in batches:
-                    x, _ = self.unpack(batch)
-                    self.model(x)
-                    n += 1
-        finally:
-            for m, momentum, count in saved:
-                m.momentum = momentum
-                m.num_batches_tracked.copy_(count)
-            self.model.train(training)
-        return n
+        of the training data (train-mode forwards without gradients under :meth:`autocast`, on
+        this rank; ``momentum`` and ``num_batches_tracked`` are restored afterwards:
+        :func:`pyoptim.train.batchnorm.recalibrate_bn`). Returns the batches used."""
+        return _bn.recalibrate_bn(self.model, (self.unpack(b)[0] for b in batches), self.autocast)
 
     def precise_bn(self) -> int:
         """Recomputes the BN running statistics over ``precise_bn_batches`` training batches

@@ -77,7 +77,7 @@ TRAINER_CONTRACT: Dict[str, Tuple[str, str]] = {
     "precise_bn": ("call", "precise_bn() -> batches: BN statistics over precise_bn_batches batches"),
     "recalibrate_bn": ("call", "recalibrate_bn(batches) -> n: BN statistics as the plain average"),
     "sync_buffers": ("call", "sync_buffers(): the same BN statistics on every rank"),
-    "epoch_will_end": ("call", "epoch_will_end() -> bool | None: the loader has no batch left"),
+    "epoch_will_end": ("call", "epoch_will_end() -> bool | None: no batch left (in on_step_end: that was the last)"),
     "will_stop": ("call", "will_stop() -> bool: fit() stops before the next step"),
     "running_metrics": ("call", "running_metrics() -> {loss, accuracy, samples} of the epoch (one sync)"),
     "record": ("call", "record(name, value): a column of the epoch's history row"),

@@ -539,10 +539,10 @@ class Trainer:
         return None
 
     def epoch_will_end(self) -> Optional[bool]:
-        """Whether the epoch in progress ends after the batch being trained (the loader has no
-        batch left): the loader's ``epoch_finished`` when it has one, else
-        ``batch_in_epoch >= len(loader)`` when it is sized, else ``None`` (unknown). Valid from
-        ``before_step`` to ``on_step_end``."""
+        """Whether the loader has no batch left in the epoch in progress, i.e. (read in
+        ``on_step_end``) whether the step just taken was the epoch's last: the loader's
+        ``epoch_finished`` when it has one, else ``batch_in_epoch >= len(loader)`` when it is
+        sized, else ``None`` (unknown)."""
         return self._loader_epoch_finished()
 
     def will_stop(self) -> bool:

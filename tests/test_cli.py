@@ -127,3 +127,33 @@ def test_bench_budget_smoke(tmp_path):
     assert other.returncode != 0 and "its lr is 0.1" in other.stderr
     bad = subprocess.run(base + ["--configs", "schedule+fast"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown config 'schedule+fast'" in bad.stderr
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--lpr", "-0.5", "must be in (0, 1)"), ("--lpr", "1.0", "must be in (0, 1)"),
+    ("--batch-size", "0", "must be >= 1"), ("--epochs", "2.5", "must be an integer"),
+    ("--lr", "0", "must be > 0"), ("--width", "0", "positive"), ("--width", "wide", "'auto'"),
+    ("--device", "gpu", "torch device"), ("--select-fraction", "0", "(0, 1]"),
+    ("--warmup", "1", "[0, 1)"), ("--augment-until", "1.5", "[0, 1]"), ("--threshold", "-1", ">= 0"),
+    ("--interval", "0", ">= 1"), ("--log-every", "-1", ">= 0"),
+])
+def test_bad_options_are_refused_when_parsed_in_one_line(option, value, expected, capsys, monkeypatch):
+    """Refused by the parser, before any data is loaded or model built: one line naming the
+    option, no traceback."""
+    import pyoptim.cli.run as run
+    monkeypatch.setattr(run, "_load_data", lambda *a: pytest.fail("the data was loaded"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--data", "synthetic", option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pyoptim train: error: argument {option}"), err
+    assert expected in err[0] and "Traceback" not in err[0]
+
+
+def test_contradicting_options_are_refused_before_the_data_is_loaded(monkeypatch):
+    import pyoptim.cli.run as run
+    monkeypatch.setattr(run, "_load_data", lambda *a: pytest.fail("the data was loaded"))
+    with pytest.raises(SystemExit, match="--budget"):
+        cli.main(["train", "--data", "synthetic", "--width", "auto"])
+    with pytest.raises(SystemExit, match="unknown knob"):
+        cli.main(["train", "--data", "synthetic", "--budget", "5s", "--knobs", "turbo"])

@@ -85,6 +85,18 @@ def test_bad_arguments():
         PruneTrain(interval=0)
     with pytest.raises(ValueError, match="interval_unit"):
         PruneTrain(interval_unit="hour")
+    for lpr in (-0.5, 0.0, 1.0, 1.5):      # refused at construction, not at the first step
+        with pytest.raises(ValueError, match="lpr"):
+            PruneTrain(lpr=lpr)
+    PruneTrain(lpr=1.0, lam=1e-4)          # a fixed lam does not use the LPR rule
+    with pytest.raises(ValueError, match="lam"):
+        PruneTrain(lam=-1.0)
+    with pytest.raises(ValueError, match="round_to"):
+        PruneTrain(round_to=0)
+    with pytest.raises(ValueError, match="batch_multiple"):
+        PruneTrain(batch_multiple=0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        PruneTrain(max_batch_size=0)
 
 
 # ----------------------------------------------------------------------------------------------

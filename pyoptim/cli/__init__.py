@@ -23,11 +23,10 @@ commands are in :mod:`.options`. A new command is one module and one entry in :d
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 from typing import List, Optional
 
-from .options import MODELS  # noqa: F401  (pyoptim.cli.MODELS)
+from .options import MODELS, Parser  # noqa: F401  (pyoptim.cli.MODELS)
 from .run import DataError, Run, build_run, run_training
 
 __all__ = ["main", "build_parser", "run_training", "build_run", "Run", "DataError", "COMMANDS"]
@@ -36,8 +35,8 @@ __all__ = ["main", "build_parser", "run_training", "build_run", "Run", "DataErro
 COMMANDS = {"train": ".train", "sweep": ".sweep", "report": ".report"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyoptim", description="cheaper CNN training: PruneTrain and friends")
+def build_parser() -> Parser:
+    p = Parser(prog="pyoptim", description="cheaper CNN training: PruneTrain and friends")
     sub = p.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         mod = importlib.import_module(module, __name__)

@@ -7,12 +7,66 @@ text into values and exit with one line naming the option when it is bad.
 from __future__ import annotations
 
 import argparse
-from typing import Any, List
+from typing import Any, List, Optional
 
 MODELS = ("resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "vgg11", "vgg16", "mobilenetv2")
 
 #: names accepted by ``--knobs``
 KNOB_NAMES = ("schedule", "ema", "uniform", "selective", "importance", "width", "auto", "none")
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line (``pyoptim train: error: argument
+    --lpr: ...``), without the usage block: the line names the option and what it must be."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind: type, low: Optional[float] = None, high: Optional[float] = None,
+           low_open: bool = False, high_open: bool = False):
+    """An argparse ``type`` parsing an ``int`` or ``float`` and checking it lies in the range:
+    ``[low, high]``, an end excluded when ``*_open``, unbounded where ``None``."""
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    what = (f"in {lo}{'-inf' if low is None else format(low, 'g')}, "
+            f"{'inf' if high is None else format(high, 'g')}{hi}")
+    if high is None and low is not None:
+        what = f"{'>' if low_open else '>='} {low:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value != value or (low is not None and (value < low or (low_open and value == low))) \
+                or (high is not None and (value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = kind.__name__      # argparse names the type in its messages
+    return parse
+
+
+def device_arg(text: str) -> str:
+    """``--device``: ``auto`` or a torch device string (``cpu``, ``cuda``, ``cuda:1``...)."""
+    if text == "auto":
+        return text
+    import torch
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a torch device such as cpu or cuda:0, "
+                                         f"got {text!r}") from None
+    return text
+
+
+def width_arg(text: str) -> Any:
+    """``--width``: :func:`parse_width` as an argparse ``type``."""
+    try:
+        return parse_width(text, exit=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def duration_arg(text: str) -> float:
@@ -24,19 +78,23 @@ def duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def parse_width(text) -> Any:
-    """``--width``: a positive multiplier, or ``"auto"``."""
-    if isinstance(text, (int, float)):
+def parse_width(text, exit: bool = True) -> Any:
+    """``--width``: a positive multiplier, or ``"auto"``. A bad value exits with one line
+    (``exit``) or raises ``ValueError``."""
+    if isinstance(text, (int, float)) and text > 0:
         return float(text)
     if str(text).lower() == "auto":
         return "auto"
     try:
         w = float(text)
+        bad = None if w > 0 and w == w and w != float("inf") else f"must be positive and finite, got {text!r}"
     except ValueError:
-        raise SystemExit(f"pyoptim: --width must be a positive number or 'auto', got {text!r}")
-    if w <= 0:
-        raise SystemExit(f"pyoptim: --width must be positive, got {text!r}")
-    return w
+        bad = f"must be a positive number or 'auto', got {text!r}"
+    if bad is None:
+        return w
+    if exit:
+        raise SystemExit(f"pyoptim: --width {bad}")
+    raise ValueError(bad)
 
 
 def parse_knobs(text) -> List[str]:
@@ -66,36 +124,36 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--data-dir", default=None, help="folder of the data set (else $PYOPTIM_DATA, system folders)")
     t.add_argument("--method", default=None, choices=("prunetrain", "dense"),
                    help="default: prunetrain, or dense with --budget / for sweep")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--width", default="1.0", help="width multiplier (channels of every layer), or 'auto' "
+    t.add_argument("--epochs", type=number(int, 1), default=10)
+    t.add_argument("--batch-size", type=number(int, 1), default=128)
+    t.add_argument("--lr", type=number(float, 0, low_open=True), default=0.1)
+    t.add_argument("--weight-decay", type=number(float, 0), default=5e-4)
+    t.add_argument("--width", default="1.0", type=width_arg, help="width multiplier (channels of every layer), or 'auto' "
                    "(with --budget: chosen by timed probes)")
-    t.add_argument("--lpr", type=float, default=0.2, help="PruneTrain lasso-penalty ratio")
-    t.add_argument("--interval", type=int, default=2, help="PruneTrain: reconfigure every N epochs")
-    t.add_argument("--threshold", type=float, default=1e-4, help="PruneTrain: zero groups under this norm")
-    t.add_argument("--round-to", type=int, default=1)
+    t.add_argument("--lpr", type=number(float, 0, 1, low_open=True, high_open=True), default=0.2, help="PruneTrain lasso-penalty ratio")
+    t.add_argument("--interval", type=number(int, 1), default=2, help="PruneTrain: reconfigure every N epochs")
+    t.add_argument("--threshold", type=number(float, 0), default=1e-4, help="PruneTrain: zero groups under this norm")
+    t.add_argument("--round-to", type=number(int, 1), default=1)
     t.add_argument("--no-grow-batch", action="store_true")
-    t.add_argument("--max-batch-size", type=int, default=0, help="PruneTrain: bound of the grown batch "
+    t.add_argument("--max-batch-size", type=number(int, 0), default=0, help="PruneTrain: bound of the grown batch "
                    "(default 8x --batch-size; on CUDA also the measured free memory)")
     t.add_argument("--fuse", action="store_true", help="run reconfigured blocks on the fused kernels")
     t.add_argument("--amp", default="none", choices=("none", "fp16", "bf16"))
-    t.add_argument("--precise-bn", type=int, default=0, metavar="N",
+    t.add_argument("--precise-bn", type=number(int, 0), default=0, metavar="N",
                    help="recompute the BN running statistics over N training batches at every epoch "
                         "end (before the test evaluation)")
-    t.add_argument("--device", default="auto")
+    t.add_argument("--device", default="auto", type=device_arg)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--train-subset", type=int, default=0, help="use only the first N training images")
-    t.add_argument("--synthetic-samples", type=int, default=2048)
-    t.add_argument("--log-every", type=int, default=20)
+    t.add_argument("--train-subset", type=number(int, 0), default=0, help="use only the first N training images")
+    t.add_argument("--synthetic-samples", type=number(int, 1), default=2048)
+    t.add_argument("--log-every", type=number(int, 0), default=20)
     t.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<method>, "
                    "sweep: runs/sweep-<model>-<data>)")
 
 
 def add_budget_arguments(t: argparse.ArgumentParser) -> None:
     """The knobs of budgeted runs (``--budget`` itself belongs to ``train``)."""
-    t.add_argument("--select-fraction", type=float, default=0.5,
+    t.add_argument("--select-fraction", type=number(float, 0, 1, low_open=True), default=0.5,
                    help="selective/importance: share of the data trained on (stale: of each epoch "
                         "from the second; forward: of each pool, which is --batch-size / this, so "
                         "the trained batch stays --batch-size)")
@@ -106,17 +164,17 @@ def add_budget_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--select-per-class", action=argparse.BooleanOptionalAction, default=True,
                    help="selective/importance with stale scores: keep every class's share of the "
                         "data, the loss picks which samples of a class, not how many (default on)")
-    t.add_argument("--warmup", type=float, default=0.05, help="schedule: warm-up share of the training time")
-    t.add_argument("--ema-decay", type=float, default=0.999, help="ema: decay of the weight average")
-    t.add_argument("--min-epochs", type=float, default=3.0,
+    t.add_argument("--warmup", type=number(float, 0, 1, high_open=True), default=0.05, help="schedule: warm-up share of the training time")
+    t.add_argument("--ema-decay", type=number(float, 0, 1, high_open=True), default=0.999, help="ema: decay of the weight average")
+    t.add_argument("--min-epochs", type=number(float, 0, low_open=True), default=3.0,
                    help="width/auto: the widest width making at least this many passes is chosen")
-    t.add_argument("--min-params-per-sample", type=float, default=1.0,
+    t.add_argument("--min-params-per-sample", type=number(float, 0), default=1.0,
                    help="width/auto: never a width with fewer parameters per training sample (0: off)")
-    t.add_argument("--augment-until", type=float, default=None, metavar="SHARE",
+    t.add_argument("--augment-until", type=number(float, 0, 1), default=None, metavar="SHARE",
                    help="budgeted runs: random crops and flips only during this share of the training "
                         "time (0: never; default: the loader's augmentation, or the planner's choice "
                         "with --knobs auto)")
-    t.add_argument("--augment-max-epochs", type=float, default=12.0,
+    t.add_argument("--augment-max-epochs", type=number(float, 0), default=12.0,
                    help="auto: the planner turns augmentation off when the chosen width makes fewer "
                         "passes than this (0: never turns it off)")
     t.add_argument("--no-epoch-eval", action="store_true",

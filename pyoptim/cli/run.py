@@ -169,10 +169,7 @@ def build_run(args, progress: bool = True) -> Run:
     if budget_s:
         from ..budget import BudgetClock
         clock = BudgetClock(budget_s)      # the one clock: everything from here on is counted
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    t_start = time.perf_counter()
-    spec, train, test = _load_data(args, device)
+    # options that contradict each other: one line, before any data is loaded
     knobs = parse_knobs(getattr(args, "knobs", None)) if clock is not None else []
     width, plan_info = parse_width(args.width), None
     if width == "auto" and clock is None:
@@ -180,6 +177,10 @@ def build_run(args, progress: bool = True) -> Run:
     augment_until = getattr(args, "augment_until", None)
     if augment_until is not None and clock is None:
         raise SystemExit("pyoptim: --augment-until is a share of the budget's training time: give --budget too")
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    t_start = time.perf_counter()
+    spec, train, test = _load_data(args, device)
     if clock is not None:
         width, knobs, plan_info = _budget_setup(args, clock, knobs, width, train, spec, device)
         if augment_until is None and plan_info is not None:

@@ -64,6 +64,16 @@ class PruneTrain(Plugin):
             raise ValueError(f"PruneTrain: interval_unit must be 'epoch' or 'step', got {interval_unit!r}")
         if threshold < 0:
             raise ValueError(f"PruneTrain: threshold must be >= 0, got {threshold}")
+        if lam is None and not 0.0 < lpr < 1.0:
+            raise ValueError(f"PruneTrain: lpr must be in (0, 1) (the penalty's share of the loss), got {lpr}")
+        if lam is not None and not 0.0 <= lam < float("inf"):
+            raise ValueError(f"PruneTrain: lam must be a finite number >= 0, got {lam}")
+        if round_to < 1:
+            raise ValueError(f"PruneTrain: round_to must be >= 1, got {round_to}")
+        if batch_multiple < 1:
+            raise ValueError(f"PruneTrain: batch_multiple must be >= 1, got {batch_multiple}")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"PruneTrain: max_batch_size must be >= 1 or None, got {max_batch_size}")
         self.lpr, self.interval, self.threshold = lpr, int(interval), float(threshold)
         self.grow_batch, self.round_to = bool(grow_batch), int(round_to)
         self.max_batch_size, self.batch_multiple = max_batch_size, int(batch_multiple)

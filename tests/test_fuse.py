@@ -84,3 +84,43 @@ def test_fused_model_survives_reconfigure_and_deepcopy():
     twin = copy.deepcopy(new)
     torch.testing.assert_close(twin(x), before, rtol=1e-9, atol=1e-10)
     assert {id(p) for p in twin.parameters()}.isdisjoint({id(p) for p in new.parameters()})
+
+
+class _ConvCalledTwice(torch.nn.Module):
+    """One conv module at two call sites, each followed by its own BN (the second with a residual
+    add): each site must keep its own conv -> BN pairing."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1, self.bn2 = torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.conv(x)))
+        return torch.relu(self.bn2(self.conv(a)) + x)
+
+
+def test_a_conv_called_twice_is_fused_per_call_site():
+    torch.manual_seed(0)
+    model = _ConvCalledTwice().double()
+    g = torch.Generator().manual_seed(3)
+    _randomise_bn(model, g)
+    ref = copy.deepcopy(model)
+    fused = fuse_blocks(model)
+    sites = [m for m in fused.modules() if isinstance(m, FusedConvBN)]
+    assert fused.num_fused == 2 and len(sites) == 2
+    assert {m.bn_name for m in sites} == {"bn1", "bn2"} and all(m.conv is model.conv for m in sites)
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
+    for mode in (True, False):
+        fused.train(mode)
+        ref.train(mode)
+        out_ref, out = ref(x), fused(x)
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+        if mode:
+            out_ref.square().sum().backward()
+            out.square().sum().backward()
+            for (n, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=n)
+            for n in ("bn1", "bn2"):
+                torch.testing.assert_close(getattr(model, n).running_mean, getattr(ref, n).running_mean)
+                torch.testing.assert_close(getattr(model, n).running_var, getattr(ref, n).running_var)

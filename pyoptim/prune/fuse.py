@@ -123,7 +123,12 @@ def fuse_blocks(model: nn.Module, example_input: Optional[Tensor] = None) -> Fus
             if _is_relu(user, modules) and user.args == (chain[-1],) and not user.kwargs:
                 relu = True
                 chain.append(user)
-        name = f"{node.target.replace('.', '_')}__fused"
+        # one fused module per call site: a conv module called twice (with other BNs, another
+        # residual) gets two, each with its own pairing
+        base = f"{node.target.replace('.', '_')}__fused"
+        name, k = base, 1
+        while hasattr(gm, name):
+            name, k = f"{base}_{k}", k + 1
         gm.add_submodule(name, FusedConvBN(conv, modules[bn_node.target], relu, node.target, bn_node.target))
         args = (node.args[0],) if residual is None else (node.args[0], residual)
         with graph.inserting_after(chain[-1]):

@@ -390,6 +390,35 @@ def test_adam_state_is_compacted():
     opt.step()   # runs with the compacted state
 
 
+def test_a_channels_last_model_stays_channels_last():
+    """Weights, gradients and momentum of a channels_last model come back channels_last, with the
+    values of the same model reconfigured in NCHW."""
+    model, x = build("resnet20")
+    graph = ChannelGraph(model, x)
+    zero_channels(graph, model, seed=3)
+    ref = copy.deepcopy(model)
+    model = model.to(memory_format=torch.channels_last)
+    out = []
+    for m in (model, ref):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        m.train()
+        m(x.contiguous(memory_format=torch.channels_last) if m is model else x).sum().backward()
+        opt.step()
+        zero_channels(graph, m, seed=3)
+        out.append(reconfigure(m, opt, x, graph=graph))
+    (small, opt, _), (ref_small, ref_opt, _) = out
+    convs = [(n, p) for n, p in small.named_parameters() if p.dim() == 4]
+    assert convs and any(p.shape[1] > 1 for _, p in convs)
+    for n, p in convs:
+        for what, t in (("weight", p), ("grad", p.grad), ("momentum", opt.state[p]["momentum_buffer"])):
+            assert t.is_contiguous(memory_format=torch.channels_last), f"{n} {what}"
+    for (n, p), (_, q) in zip(small.named_parameters(), ref_small.named_parameters()):
+        # float64; the two layouts run other convolution algorithms: equal up to round-off
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
+                                   rtol=1e-9, atol=1e-12, msg=n)
+
+
 def test_reconfigured_graph_has_no_index_ops():
     model, x = build("resnet20")
     graph = ChannelGraph(model, x)

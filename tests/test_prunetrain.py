@@ -234,3 +234,64 @@ def test_ddp_two_gloo_processes_agree_on_the_keep_sets(tmp_path, run_ddp_script)
     assert old == 16 and new > 16 and new % 8 == 0 and r0["batch_size"] == new
     assert r0["local_batch"] == new // 2
     assert [r["samples"] for r in r0["history"]] == [96, 96, 96]
+
+
+def test_group_lasso_timing_on_cuda_syncs_once_per_read(monkeypatch):
+    """On CUDA the group-lasso spans are timed with events: no device sync per step, one wait
+    when the epoch's spans are read (a fake Event stands in for CUDA on this machine)."""
+    import pyoptim.prune.prunetrain as pt
+    waits = []
+
+    class FakeEvent:
+        clock = 0.0
+
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            FakeEvent.clock += 0.002
+            self.t = FakeEvent.clock
+
+        def synchronize(self):
+            waits.append(self)
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(pt, "synchronize", lambda device: pytest.fail("a device sync per step"))
+    timer, cuda = pt._SpanTimer(), torch.device("cuda", 0)
+    for _ in range(5):
+        timer.start(cuda)
+        timer.stop(cuda)
+    assert waits == []
+    assert timer.collect() == pytest.approx(5 * 0.002)
+    assert len(waits) == 1 and timer.collect() == 0.0
+
+
+def test_group_lasso_time_is_read_at_the_epoch_end():
+    trainer, plugin, _ = _setup(interval=100, timing=True)
+    trainer.fit(max_epochs=1)
+    first = plugin.time_s["group_lasso"]
+    assert first > 0 and plugin._gl_timer.collect() == 0.0     # nothing left unread
+    trainer.fit(max_epochs=2, max_steps=trainer.global_step + 2)   # stops inside an epoch
+    assert plugin.time_s["group_lasso"] > first                    # read at the fit's end
+
+
+@pytest.mark.gpu
+def test_group_lasso_timing_on_a_gpu_does_not_sync_per_step(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    syncs = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: syncs.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    data = DeviceLoader.from_dataset("synthetic", "train", batch_size=16, device="cuda",
+                                     dataset_kwargs=dict(num_samples=64, num_classes=4, image_size=8,
+                                                         in_channels=1, seed=0))
+    model = resnet20(num_classes=4, in_channels=1).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    plugin = PruneTrain(lpr=0.2, interval=100, timing=True)
+    Trainer(model, opt, data, plugins=[plugin], progress=False, log_every=0).fit(max_epochs=1)
+    assert plugin.time_s["group_lasso"] > 0 and len(syncs) < 4

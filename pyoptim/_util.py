@@ -2,6 +2,8 @@
 
 * :func:`dist_on`: whether ``torch.distributed`` is up (available and initialised).
 * :func:`synchronize`: waits for the device's queued work, so that a host clock measures it.
+* :func:`pair`: an int or a pair of ints (stride, padding, dilation) as ``[a, b]``.
+* :func:`memory_format`: channels_last or NCHW, as a 4-D tensor is laid out.
 * :func:`acc_dtype`: the accumulation dtype of an input dtype (float64 for float64, float32 for
   float32, float16 and bfloat16). The C++ kernels use the same rule under the same name
   (``acc_dtype`` in ``csrc/checks.h``), the Triton kernels import it from here through
@@ -9,12 +11,12 @@
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import List, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["dist_on", "synchronize", "acc_dtype"]
+__all__ = ["dist_on", "synchronize", "acc_dtype", "pair", "memory_format"]
 
 
 def dist_on() -> bool:
@@ -41,3 +43,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums and norms accumulate in: float64 for float64 inputs, float32 otherwise
     (float32, float16, bfloat16)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pair(v: Union[int, Sequence[int]]) -> List[int]:
+    """``[v, v]`` for an int, else the entries of ``v`` as ints (the ops check the length and name
+    the argument)."""
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D tensor laid out so (and not also NCHW-contiguous, as
+    tensors with size-1 dims can be), else ``torch.contiguous_format``."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,17 +1,18 @@
 """Triton helpers shared by the kernel families: device functions (``to_acc``, ``mma``,
-``split_range``) and host helpers (``acc_dtype``, ``next_pow2``, ``pair``, ``num_warps``,
-``split_f32``, ``num_sms``). Imports triton, torch, the standard library and, for ``acc_dtype``,
-``pyoptim._util`` (the one definition of the accumulation-dtype rule)."""
+``split_range``) and host helpers (``next_pow2``, ``num_warps``, ``split_f32``, ``num_sms``, and ``acc_dtype``,
+``pair``, ``memory_format`` re-exported from ``pyoptim._util``, where each is defined once for the
+reference, the ops wrappers and the Triton kernels). Imports triton, torch, the standard library
+and ``pyoptim._util``."""
 import functools
 import math
 import struct
-from typing import Sequence, Tuple, Union
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._util import acc_dtype  # noqa: F401  (re-exported: one rule for every backend)
+from .._util import acc_dtype, memory_format, pair  # noqa: F401  (re-exported: one definition each)
 
 
 @triton.jit
@@ -43,14 +44,6 @@ def split_range(sp, n, per_split):
 def next_pow2(n: int) -> int:
     """The smallest power of two ``>= max(n, 1)`` (block sizes)."""
     return triton.next_power_of_2(max(int(n), 1))
-
-
-def pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    """``(v, v)`` for an int, else the two entries of ``v`` as ints."""
-    if isinstance(v, int):
-        return v, v
-    a, b = v
-    return int(a), int(b)
 
 
 def num_warps(tile: int) -> int:

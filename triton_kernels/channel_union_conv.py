@@ -95,7 +95,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, next_pow2, pair
+from ._common import acc_dtype, memory_format, next_pow2, pair
 from ._common import mma as _mma
 from ._common import num_sms as _num_sms
 from ._common import split_f32 as _split_f32
@@ -499,13 +499,6 @@ def _bn_bwd_apply_kernel(go_ptr, out_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, co
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
-def _activation_format(x: Tensor) -> torch.memory_format:
-    """channels_last when x is channels_last-contiguous and not NCHW-contiguous, else NCHW."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _gemm_cfg(Kg: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_N, BLOCK_K, num_warps of the implicit-GEMM conv (tl.dot needs >= 16).
     float64 uses the broadcast-product path: a [32, 8, <=16] product per step."""
@@ -533,7 +526,7 @@ def _conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
     P = (H + 2 * ph - dh * (R - 1) - 1) // sh + 1
     Q = (W + 2 * pw - dw * (S - 1) - 1) // sw + 1
     out = torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device,
-                      memory_format=_activation_format(x))
+                      memory_format=memory_format(x))
     NPQ = N * P * Q
     if out.numel() == 0:
         return out
@@ -633,7 +626,7 @@ class _BNGeometry:
 def _batch_norm_add_relu(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],
                          eps: float, relu: bool,
                          n_split: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    fmt = _activation_format(x)
+    fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     if residual is not None:
         residual = residual.contiguous(memory_format=fmt)
@@ -666,7 +659,7 @@ def _batch_norm_add_relu_backward(grad_out: Tensor, out: Tensor, x: Tensor, weig
                                   mean: Tensor, invstd: Tensor, relu: bool, residual_grad: bool,
                                   n_split: Optional[int] = None
                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    fmt = _activation_format(x)
+    fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     grad_out = grad_out.contiguous(memory_format=fmt)
     relu = bool(relu)

@@ -2,7 +2,7 @@
 the op, the argument, what was expected)."""
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -36,8 +36,3 @@ def check_pair(v: Sequence[int], op: str, name: str, low: int) -> None:
     if v[0] < low or v[1] < low:
         raise RuntimeError(f"{op}: {name} must be >= {low}, got {list(v)}")
 
-
-def pair(v: Union[int, Sequence[int]]) -> List[int]:
-    """``[v, v]`` for an int, else the entries of ``v`` as ints (a wrong length is left to
-    :func:`check_pair`, which names the op and the argument)."""
-    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]

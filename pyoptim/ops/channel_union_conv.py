@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from .._util import acc_dtype
+from .._util import acc_dtype, pair
 from ._checks import check_device as _check_device
 from ._checks import check_float as _check_float
 from ._checks import check_pair as _check_pair
 from ._checks import check_same as _check_same
-from ._checks import pair
 from ..reference import channel_union_conv as ref
 
 

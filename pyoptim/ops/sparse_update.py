@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from .._util import pair
 from ._checks import check_float as _check_float
 from ._checks import check_pair as _check_pair
 from ._checks import check_same as _check_same
-from ._checks import pair
 from ..reference import sparse_update as ref
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
+from .._util import memory_format
 from ..flops import count_flops
 from ..ops.channel_compact import channel_compact
 from .channel_graph import (_CAT_FUNCTIONS, _CONVS, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS,
@@ -581,13 +582,6 @@ def _resize_module(mod: nn.Module) -> None:
         mod.num_features = mod.weight.shape[0] if mod.weight is not None else mod.running_mean.shape[0]
 
 
-def _memory_format(t: Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor laid out so (and not also NCHW-contiguous), else NCHW."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _compact_pass(entries, optimizer: Optional[torch.optim.Optimizer]) -> None:
     """Compacts, along one dim each, the tensors named by ``entries`` (module, attribute, dim,
     keep mask) together with their gradients and optimizer state, in one op call per device.
@@ -600,16 +594,16 @@ def _compact_pass(entries, optimizer: Optional[torch.optim.Optimizer]) -> None:
         jobs = by_device.setdefault(t.device, [])
         fmts = formats.setdefault(t.device, [])
         jobs.append(("value", mod, attr, t, None, t.detach().contiguous(), dim, idx))
-        fmts.append(_memory_format(t))
+        fmts.append(memory_format(t))
         if isinstance(t, nn.Parameter):
             if t.grad is not None:
                 jobs.append(("grad", mod, attr, t, None, t.grad.contiguous(), dim, idx))
-                fmts.append(_memory_format(t.grad))
+                fmts.append(memory_format(t.grad))
             if optimizer is not None and t in optimizer.state:
                 for k, v in optimizer.state[t].items():
                     if isinstance(v, Tensor) and v.shape == t.shape:
                         jobs.append(("state", mod, attr, t, k, v.contiguous(), dim, idx))
-                        fmts.append(_memory_format(v))
+                        fmts.append(memory_format(v))
     for device, jobs in by_device.items():
         outs = channel_compact([j[5] for j in jobs], [j[6] for j in jobs], [j[7] for j in jobs])
         outs = [o if f is torch.contiguous_format else o.contiguous(memory_format=f)

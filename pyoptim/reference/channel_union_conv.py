@@ -14,12 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._util import acc_dtype
-
-
-def activation_format(x: Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+from .._util import memory_format as activation_format  # the layout kernels return activations in
 
 
 def channel_union_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],

@@ -28,15 +28,21 @@ def _randomise_bn(model, g):
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=torch.float64) + 0.5)
 
 
+def _fused_and_reference(make, seed):
+    """A float64 model with random BN affine and statistics, an unfused copy, its fused version
+    and the generator that drew them."""
+    torch.manual_seed(0)
+    model = make().double()
+    g = torch.Generator().manual_seed(seed)
+    _randomise_bn(model, g)
+    ref = copy.deepcopy(model)
+    return model, ref, fuse_blocks(model), g
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fused_model_matches(name):
     make, shape, n_fused = MODELS[name]
-    torch.manual_seed(0)
-    model = make().double()
-    g = torch.Generator().manual_seed(1)
-    _randomise_bn(model, g)
-    ref = copy.deepcopy(model)
-    fused = fuse_blocks(model)
+    model, ref, fused, g = _fused_and_reference(make, 1)
     assert fused.num_fused == n_fused
     assert sum(isinstance(m, FusedConvBN) for m in fused.modules()) == n_fused
     # same tensors, same keys
@@ -101,12 +107,7 @@ class _ConvCalledTwice(torch.nn.Module):
 
 
 def test_a_conv_called_twice_is_fused_per_call_site():
-    torch.manual_seed(0)
-    model = _ConvCalledTwice().double()
-    g = torch.Generator().manual_seed(3)
-    _randomise_bn(model, g)
-    ref = copy.deepcopy(model)
-    fused = fuse_blocks(model)
+    model, ref, fused, g = _fused_and_reference(_ConvCalledTwice, 3)
     sites = [m for m in fused.modules() if isinstance(m, FusedConvBN)]
     assert fused.num_fused == 2 and len(sites) == 2
     assert {m.bn_name for m in sites} == {"bn1", "bn2"} and all(m.conv is model.conv for m in sites)

@@ -548,9 +548,6 @@ class Trainer:
     def will_stop(self) -> bool:
         """Whether ``fit()`` stops before the next step: a plug-in set ``should_stop``, or the
         running ``fit``'s ``max_steps`` / ``max_epochs`` are reached."""
-        return self._done()
-
-    def _done(self) -> bool:
         max_epochs, max_steps = self._limits
         return (self.should_stop or (max_steps is not None and self.global_step >= max_steps)
                 or (max_epochs is not None and self.epoch >= max_epochs))
@@ -571,7 +568,7 @@ class Trainer:
         self.should_stop = False
         self._call("on_fit_start")
         self.model.train()
-        while not self._done():
+        while not self.will_stop():
             if self._epoch_iter is None:
                 self._open_epoch()
             t0 = time.perf_counter()
@@ -586,7 +583,7 @@ class Trainer:
                 if self.checkpoint_every_steps and self.global_step % self.checkpoint_every_steps == 0:
                     self._epoch_time_flush()
                     _ckpt.auto_checkpoint(self, f"step{self.global_step:09d}.pt")
-                if self._done():
+                if self.will_stop():
                     ended = False
                     break
             self._epoch_time_flush()

@@ -1,6 +1,8 @@
 # pyoptim developer entry points. Every target is idempotent and sets itself up on a fresh machine.
 #   make demo        venv + pinned deps + build + Fashion-MNIST, then the main job: a short PruneTrain
-#                    run (pyoptim train) that prints where its report and picture are
+#                    run (pyoptim train, about 5 min on 2 CPU cores) compared with the stored dense
+#                    run of the same recipe; prints both, and where its report and picture are
+#   make demo-dense  the dense run of the demo's recipe, stored as the demo's reference
 #   make test        venv + pinned deps + build, then the whole test suite
 #   make cuda-check  compile every csrc/cuda/*.cu with nvcc (compile only; no GPU needed)
 #   make bench       the kernel benchmark scripts, results in bench/results/
@@ -19,13 +21,22 @@ SOURCES := $(shell find csrc triton_kernels pyoptim -type f \( -name '*.py' -o -
 # Fashion-MNIST: Debian's dataset-fashion-mnist (the only source these machines can reach);
 # PYOPTIM_DATA=<folder of the IDX files> uses another copy instead.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-DEMO_ARGS ?= --model resnet20 --data fashion-mnist --method prunetrain --epochs 4 --train-subset 20000 \
-             --lpr 0.7 --threshold 0.05 --interval 1 --max-batch-size 512 --precise-bn 20 --out runs/demo
+# the demo's recipe, shared by its PruneTrain run and the dense run it is compared with
+DEMO_RECIPE ?= --model resnet20 --data fashion-mnist --epochs 8 --train-subset 20000 --batch-size 64 \
+               --lr 0.1 --schedule step --precise-bn 20 --seed 0
+DEMO_DENSE  ?= bench/results/demo_dense_cpu.json
+DEMO_ARGS   ?= $(DEMO_RECIPE) --method prunetrain --lpr 0.6 --bn-scale --round-to 16 --threshold 0.05 \
+               --interval 1 --max-batch-size 512 --out runs/demo --compare-to $(DEMO_DENSE)
 
-.PHONY: demo test cuda-check bench bench-prunetrain bench-budget install clean fashion-mnist
+.PHONY: demo demo-dense test cuda-check bench bench-prunetrain bench-budget install clean fashion-mnist
 
 demo: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 $(VENV)/bin/pyoptim train $(DEMO_ARGS)
+
+# the dense run of the demo's recipe, stored for the demo's comparison (about 5 min on 2 CPU cores)
+demo-dense: $(VENV)/.built fashion-mnist
+	PYOPTIM_QUIET=1 $(VENV)/bin/pyoptim train $(DEMO_RECIPE) --method dense --out runs/demo-dense
+	cp runs/demo-dense/report.json $(DEMO_DENSE)
 
 fashion-mnist:
 	@if [ -n "$$PYOPTIM_DATA" ] || [ -d "$(FASHION_MNIST)" ]; then exit 0; fi; \

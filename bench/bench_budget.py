@@ -16,6 +16,8 @@
    ``width``        width chosen by timed probes, naive schedule
    ``auto``         all together, as the planner (pyoptim.budget.plan) chooses them
    ``noaug``        no random crops or flips (``--augment-until 0``), naive schedule
+   ``prunetrain``   PruneTrain in the same Trainer (``--method prunetrain`` with
+                    ``--prune-flags``): pruning makes the later steps cheaper, so more fit
 
    and any combination joined by ``+`` (``schedule+selective``: a selector with the budget-aware
    LR, against ``schedule`` alone = uniform batches at equal time).
@@ -49,7 +51,7 @@ import utils as bu  # noqa: E402
 from pyoptim import cli, report  # noqa: E402
 
 CONFIGS = ("none", "schedule", "selective", "importance", "width", "auto")
-KNOB_NAMES = CONFIGS + ("ema", "uniform", "noaug")
+KNOB_NAMES = CONFIGS + ("ema", "uniform", "noaug", "prunetrain")
 
 
 def _argv(a, out: str) -> list:
@@ -81,11 +83,14 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
     out = os.path.join(runs_dir, f"{knobs}-{seconds:.0f}s")
     parts = knobs.split("+")
     noaug = "noaug" in parts                  # not a knob of Budgeted: its augment_until=0
-    knob_list = ",".join(k for k in parts if k != "noaug") or "none"
+    prune = "prunetrain" in parts             # not a knob either: the PruneTrain plug-in beside it
+    knob_list = ",".join(k for k in parts if k not in ("noaug", "prunetrain")) or "none"
     argv = _argv(a, out) + ["--budget", f"{seconds:.3f}", "--knobs", knob_list, "--no-epoch-eval",
                             "--min-epochs", str(a.min_epochs), "--select-scores", a.select_scores]
     if noaug:
         argv += ["--augment-until", "0"]
+    if prune:
+        argv += ["--method", "prunetrain"] + a.prune_flags.split()
     argv.append("--select-per-class" if a.select_per_class else "--no-select-per-class")
     print(f"--- {knobs} in {seconds:.1f} s", file=sys.stderr)
     rep = cli.run_training(cli.build_parser().parse_args(argv), progress=not a.quiet)
@@ -98,6 +103,8 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
             "select_per_class": a.select_per_class if b.get("select_scores") else None,
             "selected_epochs": b.get("selected_epochs"),
             "knobs_used": b["knobs"], "stop_reason": b["stop_reason"],
+            "train_flops_per_sample": [rep["train_flops_per_sample_initial"], rep["final"]["train_flops_per_sample"]],
+            "reconfigurations": len(rep.get("events", [])),
             "augment_until": b.get("augment_until"),
             "time_s": b["time_s"], "steal_s": b.get("steal_s"), "steal_share": b.get("steal_share"),
             "predicted_final_s": b.get("predicted_final_s"), "eval_probes": b.get("eval_probes"),
@@ -116,6 +123,8 @@ def main() -> None:
     ap.add_argument("--full-accuracy", type=float, default=0.0)
     ap.add_argument("--fractions", default="2,5,10,20")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--prune-flags", default="--lpr 0.5 --bn-scale --round-to 16 --threshold 0.05 --interval 1 "
+                    "--max-batch-size 256", help="pyoptim train options of the PruneTrain plug-in (config 'prunetrain')")
     ap.add_argument("--train-subset", type=int, default=0)
     ap.add_argument("--synthetic-samples", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=128)

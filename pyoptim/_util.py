@@ -8,15 +8,19 @@
   float32, float16 and bfloat16). The C++ kernels use the same rule under the same name
   (``acc_dtype`` in ``csrc/checks.h``), the Triton kernels import it from here through
   ``triton_kernels/_common.py``.
+* :func:`flush_denormal`: a context in which the CPU flushes denormal floats to zero (restored
+  after), :func:`flush_denormal_enabled` whether it does now.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+import contextlib
+from typing import Iterator, List, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["dist_on", "synchronize", "acc_dtype", "pair", "memory_format"]
+__all__ = ["dist_on", "synchronize", "acc_dtype", "pair", "memory_format", "flush_denormal",
+           "flush_denormal_enabled"]
 
 
 def dist_on() -> bool:
@@ -57,3 +61,23 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def flush_denormal_enabled() -> bool:
+    """Whether the CPU now flushes denormal floats to zero (torch has a setter and no getter: a
+    denormal times one reads back as zero exactly when it does)."""
+    return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0
+
+
+@contextlib.contextmanager
+def flush_denormal(enabled: bool = True) -> Iterator[bool]:
+    """``torch.set_flush_denormal(enabled)`` inside the block, the previous setting restored after.
+    Yields whether the CPU supports it (x86 with SSE3). Group lasso and weight decay drive pruned
+    weights and BN scales through the denormal range (below 1.2e-38 in float32), where x86
+    arithmetic runs in microcode: a ResNet-20 step was 7x slower with half its channels there."""
+    previous = flush_denormal_enabled()
+    supported = torch.set_flush_denormal(enabled)
+    try:
+        yield supported
+    finally:
+        torch.set_flush_denormal(previous)

@@ -27,7 +27,7 @@ import time
 from typing import Any, Dict, Optional
 
 __all__ = ["pyplot", "write_json", "reserve_seconds", "layer_channels", "knob_label",
-           "training_report", "write_training_report", "summary_line", "draw_training",
+           "training_report", "write_training_report", "summary_line", "dense_comparison", "RECIPE_KEYS", "draw_training",
            "draw_budget", "draw_sweep", "draw_prunetrain_comparison", "draw_budget_comparison",
            "device_name", "device_tag", "git_commit", "environment", "write_result"]
 
@@ -122,7 +122,8 @@ def training_report(run, wall_s: float, setup_s: float) -> Dict[str, Any]:
         final_acc = budget.result["final_accuracy"]
         final_loss = budget.result["final_eval"].get("loss")
     report = {
-        "config": vars(run.args), "device": str(run.device), "wall_s": wall_s, "setup_s": setup_s,
+        "config": vars(run.args), "device": str(run.device), "machine": device_name(run.device),
+        "wall_s": wall_s, "setup_s": setup_s,
         "train_time_s": sum(r["time_s"] for r in history),
         "history": [dict(r) for r in history],
         "layers_per_epoch": rec.layers,
@@ -164,6 +165,24 @@ def write_training_report(report: Dict[str, Any], out_dir: str, clock=None) -> D
     return report
 
 
+#: the options a dense reference run must share with the run it is compared with (same recipe)
+RECIPE_KEYS = ("model", "data", "epochs", "train_subset", "batch_size", "lr", "weight_decay", "schedule",
+               "width", "seed", "precise_bn", "amp", "synthetic_samples")
+
+
+def dense_comparison(report: Dict[str, Any], dense: Dict[str, Any]) -> Dict[str, Any]:
+    """The run against a dense run of the same recipe (``dense``: its report): both runs' test
+    accuracy, training FLOPs and training time, the savings and the accuracy difference."""
+    acc, dacc = report["final"]["test_accuracy"], dense["final"]["test_accuracy"]
+    return {"test_accuracy": dacc, "train_flops_total": dense["train_flops_total"],
+            "train_time_s": dense["train_time_s"], "machine": dense.get("machine"),
+            "test_accuracy_per_epoch": [r.get("eval_accuracy") for r in dense["history"]],
+            "accuracy_delta": None if acc is None or dacc is None else acc - dacc,
+            "train_flops_saving": 1 - report["train_flops_total"] / dense["train_flops_total"],
+            "train_time_saving": 1 - report["train_time_s"] / dense["train_time_s"],
+            "same_machine": dense.get("machine") == report.get("machine")}
+
+
 def summary_line(report: Dict[str, Any]) -> str:
     """One line on a run: model, data, accuracy and, by kind, budget and steps or channels and
     FLOPs."""
@@ -174,10 +193,18 @@ def summary_line(report: Dict[str, Any]) -> str:
                 f"(knobs {'+'.join(b.get('knobs') or []) or 'none'}): test accuracy "
                 f"{100 * (final.get('test_accuracy') or 0):.2f}%, {b['steps']} steps, ended at "
                 f"{b.get('end_s', b['elapsed_s']):.1f} s")
-    return (f"{cfg.get('model')} on {cfg.get('data')} ({cfg.get('method')}): "
+    line = (f"{cfg.get('model')} on {cfg.get('data')} ({cfg.get('method')}): "
             f"test accuracy {100 * (final.get('test_accuracy') or 0):.2f}%, channels {final.get('channels')}, "
             f"training FLOPs/sample {final.get('train_flops_per_sample', 0) / 1e6:.1f} M "
             f"(dense {report['train_flops_per_sample_initial'] / 1e6:.1f} M), wall {report.get('wall_s', 0):.0f} s")
+    d = report.get("dense_reference")
+    if d:
+        when = "" if d["same_machine"] else f" (the dense time is from {d.get('machine') or 'another machine'})"
+        line += (f"\ndense, same recipe: test accuracy {100 * d['test_accuracy']:.2f}%, training "
+                 f"{d['train_flops_total'] / 1e12:.2f} TFLOP in {d['train_time_s']:.0f} s; this run: training "
+                 f"FLOPs {-100 * d['train_flops_saving']:+.1f}%, training time {-100 * d['train_time_saving']:+.1f}%"
+                 f"{when}, accuracy {100 * d['accuracy_delta']:+.2f} pt")
+    return line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,6 +229,10 @@ def draw_training(report: Dict[str, Any], path: str) -> Optional[str]:
     ax.plot(epochs, [100 * (r.get("accuracy") or 0) for r in hist], label="train")
     if any(r.get("eval_accuracy") is not None for r in hist):
         ax.plot(epochs, [100 * (r.get("eval_accuracy") or 0) for r in hist], label="test")
+    dense = report.get("dense_reference")
+    if dense:
+        dacc = dense["test_accuracy_per_epoch"]
+        ax.plot(range(1, len(dacc) + 1), [100 * (a or 0) for a in dacc], color="grey", ls="--", label="test, dense")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.legend()
@@ -210,8 +241,16 @@ def draw_training(report: Dict[str, Any], path: str) -> Optional[str]:
     fl = report.get("train_flops_per_sample") or []
     ax.plot(epochs[: len(fl)], [f / 1e6 for f in fl], marker="o")
     ax.axhline(report["train_flops_per_sample_initial"] / 1e6, color="grey", ls="--", label="dense")
+    trained = [report["train_flops_per_sample_initial"]] + list(fl[:-1])   # the model each epoch trained
+    if trained and len(trained) <= len(epochs):   # the model epoch e trained, from e - 1 to e
+        ax.fill_between(range(len(trained) + 1), [f / 1e6 for f in trained + trained[-1:]],
+                        report["train_flops_per_sample_initial"] / 1e6, step="post", color="tab:green",
+                        alpha=0.25, label="training FLOPs saved")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training MFLOP / sample")
+    if dense:
+        ax.set_title(f"training FLOPs {-100 * dense['train_flops_saving']:+.0f}%, time "
+                     f"{-100 * dense['train_time_saving']:+.0f}%, accuracy {100 * dense['accuracy_delta']:+.2f} pt vs dense")
     ax.legend()
     ax = axes[2]
     layers = report.get("layers_per_epoch") or []
@@ -294,39 +333,65 @@ def draw_sweep(sweep: Dict[str, Any], path: str) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------
 # pictures of benchmark results
 
+def _seed_band(ax, x, rows, color, label):
+    """Mean over the seeds' rows as a line, their min-max as a band."""
+    import statistics
+    cols = list(zip(*rows))
+    ax.plot(x, [statistics.fmean(c) for c in cols], marker="o", ms=3, color=color, label=label)
+    if len(rows) > 1:
+        ax.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], color=color, alpha=0.2)
+
+
 def draw_prunetrain_comparison(result: Dict[str, Any], path: str) -> Optional[str]:
     """``bench_prunetrain``: test accuracy, training FLOPs per sample and cumulative training time
-    per epoch of the dense and the PruneTrain run, and the channels per layer at the end."""
+    per epoch of dense and the main PruneTrain variant (seed mean, min-max band), the savings of
+    every variant (the levers), and the channels per layer at the end."""
     plt = pyplot()
     if plt is None:
         return None
-    d, p = result["dense"], result["prunetrain"]
-    ep = list(range(1, len(d["test_accuracy_per_epoch"]) + 1))
-    fig, ax = plt.subplots(1, 4, figsize=(19, 4.2))
-    for name, r, c in (("dense", d, "tab:grey"), ("PruneTrain", p, "tab:red")):
-        ax[0].plot(ep, [100 * a for a in r["test_accuracy_per_epoch"]], marker="o", color=c, label=name)
-        ax[1].plot(ep, [f / 1e6 for f in r["train_flops_per_sample_per_epoch"]], marker="o", color=c, label=name)
-        cum, t = [], 0.0
-        for s in r["train_time_per_epoch_s"]:
-            t += s
-            cum.append(t / 60)
-        ax[2].plot(ep, cum, marker="o", color=c, label=name)
-    ax[0].set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{result['config']['model']} on {result['config']['data']}")
+    main, runs = result["config"]["main"], result["runs"]
+    dense, pruned = list(runs["dense"].values()), list(runs[main].values())
+    ep = list(range(1, len(dense[0]["test_accuracy_per_epoch"]) + 1))
+    fig, ax = plt.subplots(1, 5, figsize=(25, 4.4))
+    for name, rs, c in (("dense", dense, "tab:grey"), (f"PruneTrain ({main})", pruned, "tab:red")):
+        label = f"{name}, {len(rs)} seed(s)"
+        _seed_band(ax[0], ep, [[100 * a for a in r["test_accuracy_per_epoch"]] for r in rs], c, label)
+        _seed_band(ax[1], ep, [[f / 1e6 for f in r["train_flops_per_sample_per_epoch"]] for r in rs], c, label)
+        cum = [[sum(r["train_time_per_epoch_s"][:i + 1]) / 60 for i in range(len(ep))] for r in rs]
+        _seed_band(ax[2], ep, cum, c, label)
+    cfg = result["config"]
+    ax[0].set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{cfg['model']} on {cfg['data']}")
+    ax[0].set_ylim(max(0, 100 * min(min(r["test_accuracy_per_epoch"]) for r in dense + pruned) - 2), None)
     ax[1].set(xlabel="epoch", ylabel="training MFLOP / sample", title="model trained each epoch")
-    ax[2].set(xlabel="epoch", ylabel="training wall-clock (min, cumulative)",
-              title=f"{result['device']}"[:60])
+    ax[2].set(xlabel="epoch", ylabel="training wall-clock (min, cumulative)", title=f"{result['device']}"[:60])
     for a in ax[:3]:
-        a.legend()
-    names = list(d["conv_channels_initial"])
-    ax[3].bar(range(len(names)), [d["conv_channels_initial"][n] for n in names], color="tab:grey", label="dense")
-    ax[3].bar(range(len(names)), [p["conv_channels_final"].get(n, 0) for n in names], color="tab:red",
-              label="PruneTrain, final")
-    ax[3].set(xlabel="conv layer", ylabel="output channels", title="channels per layer")
-    ax[3].legend()
-    r = result["ratios"]
-    fig.suptitle(f"PruneTrain vs dense: training FLOPs {-100 * r['train_flops_saving']:+.0f}%, training time "
-                 f"{-100 * r['train_time_saving']:+.0f}%, inference FLOPs {-100 * r['inference_flops_saving']:+.0f}%, "
-                 f"accuracy {100 * r['accuracy_delta']:+.2f} pt", y=1.02)
+        a.legend(fontsize=8)
+    names = list(result["ratios"])
+    width = 0.27
+    for j, (key, label, scale) in enumerate((("train_flops_saving", "training FLOPs saved (%)", 100),
+                                            ("train_time_saving", "training time saved (%)", 100),
+                                            ("accuracy_delta", "accuracy - dense (pt)", 100))):
+        vals = [scale * result["ratios"][n][key]["mean"] for n in names]
+        ax[3].bar([i + (j - 1) * width for i in range(len(names))], vals, width, label=label)
+    for y, c in ((40, "C0"), (25, "C1"), (-1, "C2")):
+        ax[3].axhline(y, color=c, ls=":", lw=1)
+    ax[3].axhline(0, color="black", lw=0.8)
+    ax[3].set_xticks(range(len(names)), [f"{n}\n(n={result['ratios'][n]['accuracy_delta']['n']})" for n in names],
+                     fontsize=8)
+    ax[3].set(title="levers: savings against dense (goals dotted)")
+    ax[3].legend(fontsize=7)
+    first = pruned[0]
+    layers = list(first["conv_channels_initial"])
+    ax[4].bar(range(len(layers)), [first["conv_channels_initial"][n] for n in layers], color="tab:grey", label="dense")
+    ax[4].bar(range(len(layers)), [first["conv_channels_final"].get(n, 0) for n in layers], color="tab:red",
+              label=f"{main}, final (first seed)")
+    ax[4].set(xlabel="conv layer", ylabel="output channels", title="channels per layer")
+    ax[4].legend(fontsize=8)
+    r = result["ratios"][main]
+    fig.suptitle(f"PruneTrain ({main}) vs dense, mean of {r['accuracy_delta']['n']} seed(s): training FLOPs "
+                 f"{-100 * r['train_flops_saving']['mean']:+.0f}%, training time {-100 * r['train_time_saving']['mean']:+.0f}%, "
+                 f"inference FLOPs {-100 * r['inference_flops_saving']['mean']:+.0f}%, accuracy "
+                 f"{100 * r['accuracy_delta']['mean']:+.2f} pt", y=1.02)
     return _save(plt, fig, path, 110, bbox_inches="tight")
 
 

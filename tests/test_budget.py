@@ -4,6 +4,7 @@ and the command line."""
 import json
 import math
 import os
+import statistics
 import time
 import warnings
 
@@ -605,6 +606,33 @@ def test_run_ends_within_the_budget_tolerance(seconds):
     t0, t1 = b.lr_trace[0][0], b.lr_trace[-1][0]
     mid = min(b.lr_trace, key=lambda p: abs(p[0] - (t0 + t1) / 2))
     assert mid[1] / peak == pytest.approx(0.5, abs=0.12)
+
+
+def test_prunetrain_inside_a_budget_fits_more_steps_and_the_prediction_follows_the_model():
+    """Budgeted + PruneTrain in one Trainer: after a reconfiguration the budget's step-time
+    prediction is the smaller model's, the run still ends within the budget, and the cheaper
+    steps fit more of them than a dense run of the same budget."""
+    from pyoptim.prune import PruneTrain
+
+    class Predictions(Plugin):
+        def __init__(self):
+            self.rows = []
+
+        def on_step_end(self, trainer, step, metrics):
+            self.rows.append((trainer.global_step, trainer.plugins[0].step_time()))
+
+    seconds = 8
+    _, dense, _ = _budget_run(seconds, width=1.0)
+    prune = PruneTrain(lpr=0.5, interval=30, interval_unit="step", threshold=1e9, grow_batch=False)
+    probe = Predictions()
+    b, t, end = _budget_run(seconds, width=1.0, extra_plugins=(prune, probe))
+    assert seconds - tolerance(seconds) <= end <= seconds, (end, b.result)
+    assert prune.events and prune.events[0]["step"] == 30
+    assert prune.events[0]["train_flops_per_sample"][1] < 0.2 * prune.events[0]["train_flops_per_sample"][0]
+    before = statistics.median(p for s, p in probe.rows if 15 <= s < 30)
+    after = statistics.median(p for s, p in probe.rows if 40 <= s < 60)
+    assert after < 0.7 * before, (before, after)
+    assert t.global_step > 1.3 * dense.global_step, (t.global_step, dense.global_step)
 
 
 def test_naive_cut_off_leaves_the_learning_rate_to_the_recipe_and_ema_is_the_final_model():

@@ -59,34 +59,64 @@ def test_report_counts_training_flops_per_epoch(tmp_path):
     assert r["train_time_s"] <= r["wall_s"]
 
 
-def test_make_demo_arguments_parse():
+def test_make_demo_arguments_parse(monkeypatch):
     """The Makefile's demo command line is a valid `pyoptim train` command on Fashion-MNIST."""
     import re
     import shlex
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     text = open(os.path.join(root, "Makefile")).read().replace("\\\n", " ")
-    demo = re.search(r"^DEMO_ARGS \?=(.*)$", text, re.M).group(1)
+    var = {m.group(1): m.group(2).strip() for m in re.finditer(r"^(DEMO_\w+)\s*\?=(.*)$", text, re.M)}
+    demo = re.sub(r"\$\((\w+)\)", lambda m: var[m.group(1)], var["DEMO_ARGS"])
+    monkeypatch.chdir(root)    # --compare-to reads the stored dense report (a repository file)
     args = cli.build_parser().parse_args(["train"] + shlex.split(demo))
     assert args.method == "prunetrain" and args.data == "fashion-mnist" and args.epochs >= 2
+    assert args.compare_to["config"]["method"] == "dense"
+    from pyoptim.cli.train import check_same_recipe
+    check_same_recipe(args, args.compare_to)   # the stored dense run has the demo's recipe
 
 
 def test_bench_prunetrain_smoke(tmp_path):
-    """bench/bench_prunetrain.py end to end on a tiny synthetic set: both runs, the JSON record
-    with the ratios and goals, the picture (a smoke test, not a timing)."""
+    """bench/bench_prunetrain.py end to end on a tiny synthetic set: dense and the main variant at
+    two seeds, a lever variant at the first, the JSON record with per-seed and mean ratios and the
+    goals, the picture, and --reuse taking the runs back (a smoke test, not a timing)."""
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_prunetrain.py"), "--model", "resnet20",
-                           "--data", "synthetic", "--train-subset", "128", "--epochs", "2", "--batch-size", "32",
-                           "--threshold", "1e9", "--quiet", "--out-dir", str(tmp_path), "--runs-dir",
-                           str(tmp_path / "runs")], env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, os.path.join(root, "bench", "bench_prunetrain.py"), "--model", "resnet20",
+           "--data", "synthetic", "--train-subset", "128", "--epochs", "2", "--batch-size", "32", "--width", "0.25",
+           "--threshold", "1e9", "--precise-bn", "1", "--seeds", "0", "1", "--variant", "plain=",
+           "--variant", "prox=--proximal --bn-scale", "--quiet", "--out-dir", str(tmp_path),
+           "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "prunetrain_cpu.json").read_text())
-    assert {"device", "torch", "triton", "commit", "dense", "prunetrain", "ratios", "goals_met"} <= set(res)
-    assert res["ratios"]["train_flops_saving"] > 0 and res["prunetrain"]["events"]
-    assert len(res["dense"]["test_accuracy_per_epoch"]) == 2
+    assert {"device", "torch", "triton", "commit", "runs", "ratios", "ratios_per_seed", "goals_met"} <= set(res)
+    assert res["config"]["main"] == "prox"
+    assert set(res["runs"]["dense"]) == set(res["runs"]["prox"]) == {"0", "1"} and set(res["runs"]["plain"]) == {"0"}
+    assert res["ratios"]["prox"]["train_flops_saving"]["n"] == 2 and res["ratios"]["plain"]["accuracy_delta"]["n"] == 1
+    assert res["ratios"]["plain"]["train_flops_saving"]["mean"] > 0
+    assert len(res["runs"]["dense"]["0"]["test_accuracy_per_epoch"]) == 2
     assert (tmp_path / "prunetrain_cpu.png").stat().st_size > 10_000
+    again = subprocess.run(cmd + ["--reuse"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("reused") == 5, again.stderr[-2000:]
+    assert json.loads((tmp_path / "prunetrain_cpu.json").read_text())["runs"] == res["runs"]
+
+
+def test_schedule_and_lever_options_reach_the_run(tmp_path):
+    import torch
+    from pyoptim.cli.run import build_run, lr_schedule
+    args = cli.build_parser().parse_args(["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "8",
+                                          "--synthetic-samples", "64", "--schedule", "step", "--proximal",
+                                          "--bn-scale", "--out", str(tmp_path)])
+    run = build_run(args, progress=False)
+    assert isinstance(run.trainer.scheduler, torch.optim.lr_scheduler.MultiStepLR)
+    assert sorted(run.trainer.scheduler.milestones) == [4, 6]
+    assert run.prune.proximal and run.prune.bn_scale
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+    assert sorted(lr_schedule(opt, "step", 2).milestones) == [1, 2]    # two distinct milestones
+    with pytest.raises(ValueError, match="kind"):
+        lr_schedule(opt, "linear", 4)
 
 
 def test_bench_budget_smoke(tmp_path):
@@ -127,6 +157,14 @@ def test_bench_budget_smoke(tmp_path):
     assert other.returncode != 0 and "its lr is 0.1" in other.stderr
     bad = subprocess.run(base + ["--configs", "schedule+fast"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown config 'schedule+fast'" in bad.stderr
+    # PruneTrain inside a budget (a given 10 s full run, so the 5 s budget spans many 4-step epochs)
+    proc = subprocess.run(base + ["--configs", "schedule+prunetrain", "--full-seconds", "10", "--full-accuracy", "0.5",
+                                  "--tag", "prune", "--prune-flags", "--interval 1 --threshold 1e9 --bn-scale",
+                                  "--runs-dir", str(tmp_path / "prune")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    pruned = json.loads((tmp_path / "budget_resnet20_prune_cpu.json").read_text())["runs"][0]
+    assert pruned["reconfigurations"] >= 1 and pruned["end_s"] <= pruned["budget_s"]
+    assert pruned["train_flops_per_sample"][1] < pruned["train_flops_per_sample"][0]
 
 
 @pytest.mark.parametrize("option, value, expected", [
@@ -135,7 +173,7 @@ def test_bench_budget_smoke(tmp_path):
     ("--lr", "0", "must be > 0"), ("--width", "0", "positive"), ("--width", "wide", "'auto'"),
     ("--device", "gpu", "torch device"), ("--select-fraction", "0", "(0, 1]"),
     ("--warmup", "1", "[0, 1)"), ("--augment-until", "1.5", "[0, 1]"), ("--threshold", "-1", ">= 0"),
-    ("--interval", "0", ">= 1"), ("--log-every", "-1", ">= 0"),
+    ("--interval", "0", ">= 1"), ("--log-every", "-1", ">= 0"), ("--schedule", "linear", "invalid choice"),
 ])
 def test_bad_options_are_refused_when_parsed_in_one_line(option, value, expected, capsys, monkeypatch):
     """Refused by the parser, before any data is loaded or model built: one line naming the
@@ -157,3 +195,34 @@ def test_contradicting_options_are_refused_before_the_data_is_loaded(monkeypatch
         cli.main(["train", "--data", "synthetic", "--width", "auto"])
     with pytest.raises(SystemExit, match="unknown knob"):
         cli.main(["train", "--data", "synthetic", "--budget", "5s", "--knobs", "turbo"])
+
+
+def test_compare_to_a_dense_run_of_the_same_recipe(tmp_path, capsys, monkeypatch):
+    """--compare-to: the summary prints the dense run's figures and the savings beside this run's,
+    the report keeps them and the picture draws them; a different recipe, a PruneTrain report or a
+    file that is no report is refused in one line before any data is loaded."""
+    base = ["train", "--model", "resnet20", "--data", "synthetic", "--synthetic-samples", "64",
+            "--train-subset", "64", "--epochs", "2", "--batch-size", "32", "--width", "0.25", "--log-every", "0"]
+    assert cli.main(base + ["--method", "dense", "--out", str(tmp_path / "dense")]) == 0
+    dense_path = str(tmp_path / "dense" / "report.json")
+    capsys.readouterr()
+    assert cli.main(base + ["--method", "prunetrain", "--threshold", "1e9", "--interval", "1", "--out", str(tmp_path / "pt"),
+                            "--compare-to", dense_path]) == 0
+    out = capsys.readouterr().out
+    rep = json.loads((tmp_path / "pt" / "report.json").read_text())
+    d = rep["dense_reference"]
+    dense = json.loads(open(dense_path).read())
+    assert d["train_flops_saving"] == pytest.approx(1 - rep["train_flops_total"] / dense["train_flops_total"])
+    assert d["train_flops_saving"] > 0 and rep["config"]["compare_to"] == dense_path
+    assert d["accuracy_delta"] == pytest.approx(rep["final"]["test_accuracy"] - dense["final"]["test_accuracy"])
+    assert "dense, same recipe: test accuracy" in out and f"{-100 * d['train_flops_saving']:+.1f}%" in out
+    import pyoptim.cli.run as run
+    monkeypatch.setattr(run, "_load_data", lambda *a: pytest.fail("the data was loaded"))
+    with pytest.raises(SystemExit, match="--epochs is 2, this run's is 3"):
+        cli.main(base[:-6] + ["--epochs", "3", "--batch-size", "32", "--width", "0.25", "--compare-to", dense_path])
+    for bad, why in ((str(tmp_path / "pt" / "report.json"), "not a dense run"),
+                     (str(tmp_path / "nothing.json"), "cannot read the report")):
+        with pytest.raises(SystemExit):
+            cli.main(base + ["--compare-to", bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--compare-to" in err[0] and why in err[0], err

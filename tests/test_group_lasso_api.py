@@ -165,3 +165,138 @@ def test_prune_zeroes_small_channels_of_the_model(backend):
     assert (model.conv1.weight[3] == 0).all() and (model.pw.weight[:, 5] == 0).all()
     assert torch.equal(model.conv2.weight, before["conv2.weight"])  # nothing small there
     model(data(5)[0].to(device)).sum().backward()                  # still trains
+
+
+# ---- levers: BN scale in the out-channel groups, the proximal step --------------------------------
+
+class ConvBNNet(nn.Module):
+    """conv->BN pairs (one grouped), a conv read by BN and by a skip (not paired), a conv called twice
+    (not paired) and a final conv without BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.twice, self.b4 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        y = self.c3(x)
+        x = torch.relu(self.b3(y) + y)
+        x = torch.relu(self.b4(self.twice(self.twice(x))))
+        return self.head(x).mean(dim=(2, 3))
+
+
+def _randomised(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def _scaled_penalty(gl, lam):
+    """The penalty written out with autograd: out groups with the BN scale, in groups."""
+    total = 0.0
+    for idx, (_, w, g) in enumerate(gl.targets):
+        o, i = ref.group_lasso_norms(w, g)
+        if idx in gl.scales:
+            o = (o.square() + gl.scales[idx].square()).sqrt()
+        total = total + o.sum() + i.sum()
+    return lam * total
+
+
+def test_bn_scale_pairs_only_a_conv_read_by_its_bn_alone():
+    pairs = pyoptim.prune.following_batchnorms(ConvBNNet())
+    assert set(pairs) == {"c1.weight", "c2.weight"}
+    net = ConvBNNet()
+    assert pairs["c1.weight"].num_features == 8
+    gl = pyoptim.GroupLasso(net, lam=0.1, bn_scale=True)
+    assert {gl.targets[i][0] for i in gl.scales} == {"c1.weight", "c2.weight"}
+    assert gl.scales[0] is net.b1.weight
+
+
+def test_bn_scale_apply_equals_autograd_of_its_penalty():
+    net = _randomised(ConvBNNet().double(), 11)
+    gl = pyoptim.GroupLasso(net, lam=0.37, bn_scale=True)
+    _scaled_penalty(gl, 0.37).backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad(set_to_none=True)
+    pen = gl.apply()
+    assert float(pen) == pytest.approx(float(_scaled_penalty(gl, 0.37).detach()), rel=1e-12)
+    assert set(want) == {n for n, p in net.named_parameters() if p.grad is not None}
+    for n, p in net.named_parameters():
+        if n in want:
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-12, atol=1e-12, msg=n)
+    assert float(gl.penalty()) == pytest.approx(float(_scaled_penalty(gl, 1.0).detach()), rel=1e-12)
+
+
+def _prox_reference(w, groups, gamma, t):
+    """Group soft-thresholding written with loops: every out group (with gamma), then every in group."""
+    w, gamma = w.clone(), None if gamma is None else gamma.clone()
+    K, Cg = w.shape[0], w.shape[1]
+    for k in range(K):
+        n2 = w[k].square().sum() + (0 if gamma is None else gamma[k] ** 2)
+        s = max(0.0, 1.0 - t / float(n2.sqrt())) if n2 > 0 else 0.0
+        w[k] *= s
+        if gamma is not None:
+            gamma[k] *= s
+    per = K // groups
+    for c in range(groups * Cg):
+        rows, j = slice((c // Cg) * per, (c // Cg + 1) * per), c % Cg
+        n = float(w[rows, j].square().sum().sqrt())
+        w[rows, j] *= max(0.0, 1.0 - t / n) if n > 0 else 0.0
+    return w, gamma
+
+
+@pytest.mark.parametrize("bn_scale", [False, True])
+def test_prox_step_equals_group_soft_thresholding(bn_scale):
+    net = _randomised(ConvBNNet().double(), 12)
+    with torch.no_grad():      # a few groups under t = 0.72 (zeroed), the rest (norms 3-9) shrink
+        net.c1.weight[1] *= 0.02
+        net.b1.weight[1] = 0.01
+        net.c3.weight[:, 3] *= 0.05
+    gl = pyoptim.GroupLasso(net, lam=0.8, bn_scale=bn_scale)
+    step = 0.9
+    want = [_prox_reference(w.detach(), g, gl.scales.get(i), step * 0.8)
+            for i, (_, w, g) in enumerate(gl.targets)]
+    gl.prox_(step)
+    zeroed = 0
+    for i, (name, w, g) in enumerate(gl.targets):
+        torch.testing.assert_close(w.detach(), want[i][0], rtol=1e-12, atol=1e-12, msg=name)
+        if i in gl.scales:
+            torch.testing.assert_close(gl.scales[i].detach(), want[i][1], rtol=1e-12, atol=1e-12)
+        zeroed += int((w.detach().flatten(1) == 0).all(dim=1).sum())
+    assert zeroed > 0                 # exact zeros, not small values
+
+
+def test_prox_step_calibrates_and_refuses_a_bad_step():
+    net = _randomised(ConvBNNet().double(), 13)
+    gl = pyoptim.GroupLasso(net, lpr=0.2)
+    with pytest.raises(ValueError, match="lam is not set"):
+        gl.prox_(0.1)
+    before = [w.detach().clone() for _, w, _ in gl.targets]
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="step"):
+            gl.prox_(bad, loss=2.0)
+    assert gl.lam is None                                # refused before calibrating
+    gl.lam = 0.01
+    assert all(torch.equal(b, w) for b, (_, w, _) in zip(before, gl.targets))   # unchanged
+    gl.prox_(0.0)
+    assert all(torch.equal(b, w) for b, (_, w, _) in zip(before, gl.targets))
+
+
+def test_prune_with_bn_scale_zeroes_the_scale_with_its_group():
+    net = _randomised(ConvBNNet().double(), 14)
+    with torch.no_grad():
+        net.c1.weight[2] *= 1e-9
+        net.b1.weight[2] = 1e-9          # the whole group (W[2], gamma[2]) is small
+        net.c2.weight[5] *= 1e-9         # W small but gamma large: the group is not small
+    gl = pyoptim.GroupLasso(net, lam=0.1, bn_scale=True)
+    masks = gl.prune_(1e-4)
+    assert not masks["c1.weight"][0][2] and masks["c1.weight"][0].sum() == 7
+    assert net.b1.weight[2] == 0 and (net.c1.weight[2] == 0).all()
+    assert masks["c2.weight"][0].all() and net.b2.weight[5] != 0

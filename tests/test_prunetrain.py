@@ -295,3 +295,29 @@ def test_group_lasso_timing_on_a_gpu_does_not_sync_per_step(monkeypatch):
     plugin = PruneTrain(lpr=0.2, interval=100, timing=True)
     Trainer(model, opt, data, plugins=[plugin], progress=False, log_every=0).fit(max_epochs=1)
     assert plugin.time_s["group_lasso"] > 0 and len(syncs) < 4
+
+
+def test_proximal_step_is_plain_sgd_then_group_soft_thresholding():
+    trainer, plugin, data = _setup(interval=100, proximal=True, bn_scale=True, lam=0.05, grow_batch=False)
+    twin = copy.deepcopy(trainer.model)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    x, y = next(iter(data))
+    trainer.step(x, y)
+    F.cross_entropy(twin(x), y).backward()        # no group-lasso gradient: the prox step does it
+    opt.step()
+    gl = pyoptim.GroupLasso(twin, lam=0.05, bn_scale=True)
+    convs = [m for m in twin.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(gl.scales) == len(convs) == 21    # every conv of resnet20 (shortcuts too) has its BN
+    gl.prox_(0.05)
+    for (n, a), b in zip(trainer.model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_proximal_fit_reaches_exact_zeros_and_removes_them():
+    trainer, plugin, _ = _setup(interval=1, proximal=True, bn_scale=True, lam=4.0)
+    trainer.fit(max_epochs=2)
+    assert plugin.events and plugin.events[-1]["channels"][1] < plugin.events[0]["channels"][0]
+    # the group lasso follows the reconfigured model: its BN scales are the new model's
+    bns = {id(m.weight) for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert plugin.gl.scales and all(id(g) in bns for g in plugin.gl.scales.values())
+    assert trainer.history[-1]["group_lasso_penalty"] > 0

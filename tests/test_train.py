@@ -768,3 +768,37 @@ def test_precise_bn_at_every_epoch_end():
                 max_epochs=1, log_every=0, precise_bn=2).fit()
     with pytest.raises(ValueError, match="precise_bn"):
         Trainer(model2, torch.optim.SGD(model2.parameters(), lr=0.1), None, precise_bn=-1)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_fit_flushes_denormals_and_restores_the_setting(flush):
+    """Trainer(flush_denormal=True) trains with denormals flushed to zero and gives the previous
+    setting back when fit returns (also after an exception); False leaves it alone."""
+    from pyoptim._util import flush_denormal_enabled
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    seen = []
+
+    class Probe(Plugin):
+        def on_step_end(self, trainer, step, metrics):
+            seen.append(flush_denormal_enabled())
+            if len(seen) == 3:
+                raise KeyboardInterrupt("stop in the middle")
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    model = nn.Linear(4, 3)
+    tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TensorLoader(x, y, 8),
+                 plugins=[Probe()], progress=False, log_every=0, max_epochs=2, flush_denormal=flush)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert seen == [flush] * 3 and not flush_denormal_enabled()
+    torch.set_flush_denormal(True)
+    try:
+        seen.clear()
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TensorLoader(x, y, 8), plugins=[Probe()],
+                    progress=False, log_every=0, max_epochs=2, flush_denormal=flush).fit()
+        assert seen == [True] * 3 and flush_denormal_enabled()     # left on, as it was
+    finally:
+        torch.set_flush_denormal(False)

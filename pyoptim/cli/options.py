@@ -128,11 +128,18 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=number(int, 1), default=128)
     t.add_argument("--lr", type=number(float, 0, low_open=True), default=0.1)
     t.add_argument("--weight-decay", type=number(float, 0), default=5e-4)
+    t.add_argument("--schedule", default="cosine", choices=("cosine", "step"),
+                   help="LR schedule over --epochs: cosine to zero, or step (x0.1 at 50%% and 75%% of "
+                   "the epochs, PruneTrain's recipe)")
     t.add_argument("--width", default="1.0", type=width_arg, help="width multiplier (channels of every layer), or 'auto' "
                    "(with --budget: chosen by timed probes)")
     t.add_argument("--lpr", type=number(float, 0, 1, low_open=True, high_open=True), default=0.2, help="PruneTrain lasso-penalty ratio")
     t.add_argument("--interval", type=number(int, 1), default=2, help="PruneTrain: reconfigure every N epochs")
     t.add_argument("--threshold", type=number(float, 0), default=1e-4, help="PruneTrain: zero groups under this norm")
+    t.add_argument("--bn-scale", action="store_true", help="PruneTrain: a conv's out-channel groups include "
+                   "the scale of the BatchNorm after it (the conv weight alone is scale-free there)")
+    t.add_argument("--proximal", action="store_true", help="PruneTrain: group lasso as a proximal step "
+                   "after each optimizer step (exact zeros while training) instead of its subgradient")
     t.add_argument("--round-to", type=number(int, 1), default=1)
     t.add_argument("--no-grow-batch", action="store_true")
     t.add_argument("--max-batch-size", type=number(int, 0), default=0, help="PruneTrain: bound of the grown batch "

@@ -133,6 +133,19 @@ def _budget_setup(args, clock, knobs, width, train, spec, device):
     return width, knobs, info
 
 
+def lr_schedule(optimizer, kind: str, epochs: int):
+    """The per-epoch LR schedule of a run: ``cosine`` (to zero over ``epochs``) or ``step``
+    (x0.1 at 50% and at 75% of the epochs, the shape of PruneTrain's CIFAR recipe)."""
+    import torch
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if kind == "step":
+        first = max(1, round(0.5 * epochs))
+        milestones = sorted({first, max(first + 1, round(0.75 * epochs))})
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    raise ValueError(f"lr_schedule: kind must be 'cosine' or 'step', got {kind!r}")
+
+
 def _plugins(args, clock, knobs, augment_until):
     """The Budgeted and PruneTrain plug-ins the options ask for (either may be ``None``)."""
     from ..prune import PruneTrain
@@ -149,7 +162,8 @@ def _plugins(args, clock, knobs, augment_until):
     if args.method == "prunetrain":
         prune = PruneTrain(lpr=args.lpr, interval=args.interval, threshold=args.threshold,
                            grow_batch=not args.no_grow_batch, round_to=args.round_to, fuse=args.fuse,
-                           max_batch_size=args.max_batch_size or None, timing=True)
+                           max_batch_size=args.max_batch_size or None, timing=True,
+                           bn_scale=getattr(args, "bn_scale", False), proximal=getattr(args, "proximal", False))
     return budget, prune
 
 
@@ -188,7 +202,7 @@ def build_run(args, progress: bool = True) -> Run:
     model = build_model(args.model, spec.num_classes, spec.in_channels, width).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
                           nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    sched = lr_schedule(opt, getattr(args, "schedule", "cosine"), args.epochs)
     budget, prune = _plugins(args, clock, knobs, augment_until)
     if budget is not None and "schedule" in knobs:
         sched = None                          # the budget-aware schedule sets the LR
@@ -210,7 +224,7 @@ def build_run(args, progress: bool = True) -> Run:
                prune=prune, width=width, knobs=knobs, plan=plan_info, t_start=t_start)
 
 
-def run_training(args, progress: bool = True) -> Dict[str, Any]:
+def run_training(args, progress: bool = True, dense_reference: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """One ``pyoptim train`` run from its parsed arguments (see :func:`pyoptim.cli.build_parser`):
     :func:`build_run`, ``fit``, then :func:`pyoptim.report.write_training_report`. Returns the
     report (written to ``args.out``/report.json with the picture report.png; ``report_path`` and
@@ -221,4 +235,6 @@ def run_training(args, progress: bool = True) -> Dict[str, Any]:
     run.trainer.fit()
     wall = time.perf_counter() - t0
     rep = report.training_report(run, wall_s=wall, setup_s=t0 - run.t_start)
+    if dense_reference is not None:     # a dense run of the same recipe (pyoptim train --compare-to)
+        rep["dense_reference"] = report.dense_comparison(rep, dense_reference)
     return report.write_training_report(rep, args.out, clock=run.clock)

@@ -1,10 +1,10 @@
 """PruneTrain (Lym et al., SC'19): group-lasso regularisation and channel pruning during training."""
 from .channel_graph import ChannelGraph, ChannelGroup, ChannelMember
 from .fuse import FusedConvBN, FusedModel, fuse_blocks
-from .group_lasso import GroupLasso, group_lasso_penalty, group_lasso_targets
+from .group_lasso import GroupLasso, following_batchnorms, group_lasso_penalty, group_lasso_targets
 from .prunetrain import PruneTrain
 from .reconfigure import GroupRemoval, ReconfigureReport, channel_keep_masks, plan_group_removal, reconfigure
 
 __all__ = ["ChannelGraph", "ChannelGroup", "ChannelMember", "FusedConvBN", "FusedModel", "fuse_blocks",
-           "GroupLasso", "group_lasso_penalty", "group_lasso_targets", "GroupRemoval", "PruneTrain", "ReconfigureReport",
+           "GroupLasso", "following_batchnorms", "group_lasso_penalty", "group_lasso_targets", "GroupRemoval", "PruneTrain", "ReconfigureReport",
            "channel_keep_masks", "plan_group_removal", "reconfigure"]

@@ -9,6 +9,17 @@ op right after ``loss.backward()``.
         loss.backward()
         gl.apply(loss)          # first call: lam = LPR*loss / ((1-LPR)*penalty); then grads += dP/dW
         optimizer.step()
+
+Two variants (levers measured in docs/benchmarks.md), both still PruneTrain's group lasso:
+
+* ``bn_scale=True``: a conv's out-channel group ``k`` also holds the scale ``gamma[k]`` of the
+  BatchNorm reading that conv (as in Network Slimming), ``||(W[k], gamma[k])||``. Alone, ``W[k]``
+  in front of a BN is scale-free: shrinking it changes nothing the loss sees, so its norm says
+  little about what the channel contributes; with ``gamma[k]`` in the group it does.
+* ``prox_(step)`` instead of ``apply``: the proximal (group soft-thresholding) step after
+  ``optimizer.step()``, ``W_g <- W_g * max(0, 1 - step*lam/||W_g||)`` for every out- then every
+  in-channel group, with ``step`` the learning rate. Groups reach exact zeros while training,
+  so the network trains on the function the reconfiguration will keep.
 """
 from __future__ import annotations
 
@@ -17,11 +28,12 @@ from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .. import ops
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -41,6 +53,38 @@ def group_lasso_targets(model: nn.Module, include_linear: bool = False
         if isinstance(m, kinds) and isinstance(getattr(m, "weight", None), nn.Parameter):
             out.append((f"{name}.weight" if name else "weight", m.weight, getattr(m, "groups", 1)))
     return out
+
+
+def following_batchnorms(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{conv weight name: BN}`` for every conv whose output only an affine BatchNorm reads (the
+    conv and the BN each called once, traced with ``torch.fx``): the pairs whose out-channel groups
+    ``GroupLasso(bn_scale=True)`` extends with the BN scale."""
+    from .channel_graph import symbolic_trace
+    try:
+        gm = symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds
+        raise ValueError(f"GroupLasso(bn_scale=True): torch.fx cannot trace {type(model).__name__} to "
+                         f"find the BatchNorm after each conv ({type(e).__name__}: {e})") from e
+    modules = dict(gm.named_modules())
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = {}
+    for node in gm.graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, _BATCHNORMS) or not bn.affine or calls[node.target] != 1:
+            continue
+        src = node.args[0] if node.args else None
+        conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if (isinstance(conv, _CONVS) and calls[src.target] == 1 and len(src.users) == 1
+                and conv.weight.shape[0] == bn.num_features):
+            pairs[f"{src.target}.weight"] = bn
+    return pairs
+
+
+def _contiguous(w: Tensor) -> Tensor:
+    return w if w.is_contiguous() else w.contiguous()
 
 
 def _as_targets(params: Union[nn.Module, Iterable[Tensor]], groups: Optional[Sequence[int]],
@@ -76,17 +120,20 @@ def group_lasso_penalty(params: Union[nn.Module, Iterable[Tensor]], lam: float,
 
 class GroupLasso:
     """PruneTrain's regulariser for a model: ``apply(loss)`` after ``backward()`` adds the
-    group-lasso gradient into every conv weight's ``.grad`` with one fused op per (device, dtype).
+    group-lasso gradient into every conv weight's ``.grad`` with one fused op per (device, dtype);
+    or ``prox_(lr)`` after ``optimizer.step()`` takes the proximal step instead.
 
     Args:
         model: the network; its conv weights (and linear ones with ``include_linear``) are penalised.
         lam: the coefficient; ``None`` sets it at the first ``apply(loss)`` by the LPR rule
             ``lam = lpr * loss / ((1 - lpr) * penalty)`` and keeps it fixed.
         lpr: the lasso-penalty ratio, the share of the total loss the penalty has at the start.
+        bn_scale: out-channel groups of a conv that a BatchNorm reads include the BN's scale
+            (:func:`following_batchnorms`); those convs go through torch ops, not the fused op.
     """
 
     def __init__(self, model: nn.Module, lam: Optional[float] = None, lpr: float = 0.2,
-                 include_linear: bool = False):
+                 include_linear: bool = False, bn_scale: bool = False):
         if lam is not None and not (math.isfinite(lam) and lam >= 0):
             raise ValueError(f"GroupLasso: lam must be finite and >= 0, got {lam}")
         if not (0.0 < lpr < 1.0):
@@ -95,6 +142,7 @@ class GroupLasso:
         self.lam = lam
         self.lpr = lpr
         self.include_linear = include_linear
+        self.bn_scale = bool(bn_scale)
         self.refresh()
 
     def refresh(self) -> None:
@@ -102,18 +150,31 @@ class GroupLasso:
         self.targets = group_lasso_targets(self.model, self.include_linear)
         if not self.targets:
             raise ValueError("GroupLasso: the model has no conv weights to regularise")
+        bns = following_batchnorms(self.model) if self.bn_scale else {}
+        #: target index -> the BN scale in its out-channel groups
+        self.scales: Dict[int, nn.Parameter] = {
+            idx: bns[name].weight for idx, (name, _, _) in enumerate(self.targets) if name in bns}
         buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = OrderedDict()
         for idx, (_, w, _) in enumerate(self.targets):
-            buckets.setdefault((w.device, w.dtype), []).append(idx)
+            if idx not in self.scales:
+                buckets.setdefault((w.device, w.dtype), []).append(idx)
         self._buckets = list(buckets.values())
+
+    def _norms(self, idx: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(out-group norms with the BN scale, weight-only out norms, in norms)`` of target idx."""
+        _, w, g = self.targets[idx]
+        o, i = ops.group_lasso_norms(_contiguous(w.detach()), g)
+        gamma = self.scales.get(idx)
+        n = o if gamma is None else torch.sqrt(o.square() + gamma.detach().to(o.dtype).square())
+        return n, o, i
 
     @torch.no_grad()
     def penalty(self) -> Tensor:
         """The un-scaled penalty ``sum(norms)`` of the current weights (a 0-dim tensor)."""
         total = None
-        for _, w, g in self.targets:
-            o, i = ops.group_lasso_norms(w.detach(), g)
-            term = (o.sum() + i.sum()).double()
+        for idx in range(len(self.targets)):
+            n, _, i = self._norms(idx)
+            term = (n.sum() + i.sum()).double()
             total = term if total is None else total + term.to(total.device)
         return total
 
@@ -126,6 +187,12 @@ class GroupLasso:
         self.lam = 0.0 if pen == 0.0 else self.lpr * loss_value / ((1.0 - self.lpr) * pen)
         return self.lam
 
+    def _need_lam(self, loss, what: str) -> None:
+        if self.lam is None:
+            if loss is None:
+                raise ValueError(f"GroupLasso.{what}: lam is not set yet; pass the first batch's loss")
+            self.calibrate(loss)
+
     @torch.no_grad()
     def apply(self, loss: Optional[Union[Tensor, float]] = None) -> Tensor:
         """Adds ``lam * dP/dW`` into each weight's ``.grad`` (creating it if absent) and returns the
@@ -135,10 +202,7 @@ class GroupLasso:
         ``scaler.unscale_(optimizer)``, since the gradient added here is not scaled. Weights in
         ``channels_last`` (or any non-contiguous layout) go through contiguous copies.
         """
-        if self.lam is None:
-            if loss is None:
-                raise ValueError("GroupLasso.apply: lam is not set yet; pass the first batch's loss")
-            self.calibrate(loss)
+        self._need_lam(loss, "apply")
         total = None
         for idx in self._buckets:
             weights, grads, groups, copy_back = [], [], [], []
@@ -157,12 +221,53 @@ class GroupLasso:
             for original, pos in copy_back:
                 original.copy_(grads[pos])
             total = p if total is None else total + p.to(total.device, total.dtype)
+        for idx, gamma in self.scales.items():
+            p = self._apply_scaled(idx, gamma)
+            total = p if total is None else total + p.to(total.device, total.dtype)
         return total
+
+    def _apply_scaled(self, idx: int, gamma: nn.Parameter) -> Tensor:
+        """``lam * d||(W[k], gamma[k])|| / d(W, gamma) + lam * d||W[:, c]||/dW`` into the grads."""
+        _, w, g = self.targets[idx]
+        n, o, i = self._norms(idx)
+        inv = torch.where(n == 0, torch.zeros_like(n), n.reciprocal())
+        lam = self.lam
+        upd = ops.group_lasso_norms_backward(lam * o * inv, torch.full_like(i, lam), _contiguous(w.detach()), o, i, g)
+        for p, d in ((w, upd), (gamma, (lam * gamma.detach().to(inv.dtype) * inv).to(gamma.dtype))):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(d)
+        return (n.sum() + i.sum()) * lam
+
+    @torch.no_grad()
+    def prox_(self, step: float, loss: Optional[Union[Tensor, float]] = None) -> None:
+        """The proximal step of ``step * lam * P`` after ``optimizer.step()`` (``step``: the
+        learning rate): every out-channel group (with its BN scale under ``bn_scale``) is scaled by
+        ``max(0, 1 - step*lam/norm)``, then every in-channel group by the same rule on the norms
+        after that. Groups under ``step*lam`` become exact zeros."""
+        if not (math.isfinite(step) and step >= 0):
+            raise ValueError(f"GroupLasso.prox_: step must be finite and >= 0, got {step}")
+        self._need_lam(loss, "prox_")
+        t = step * self.lam
+        if t == 0.0:
+            return
+        for idx, (_, w, g) in enumerate(self.targets):
+            n, o, i = self._norms(idx)
+            keep = (1.0 - t / n.clamp_min(1e-30)).clamp_min(0.0)
+            wc = _contiguous(w.detach())
+            wc = ops.group_lasso_norms_backward(o * keep, torch.zeros_like(i), wc, o, i, g)
+            gamma = self.scales.get(idx)
+            if gamma is not None:
+                gamma.mul_(keep.to(gamma.dtype))
+            o, i = ops.group_lasso_norms(wc, g)
+            keep_in = (1.0 - t / i.clamp_min(1e-30)).clamp_min(0.0)
+            w.copy_(ops.group_lasso_norms_backward(torch.zeros_like(o), i * keep_in, wc, o, i, g))
 
     @torch.no_grad()
     def prune_(self, threshold: float) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Zeroes every channel group of the regularised weights whose norm is below
-        ``threshold`` and returns ``{weight name: (out_keep, in_keep)}`` (bool masks)."""
+        ``threshold`` (an out-channel group with its BN scale under ``bn_scale``: the scale is
+        zeroed with it) and returns ``{weight name: (out_keep, in_keep)}`` (bool masks)."""
         masks: Dict[str, Tuple[Tensor, Tensor]] = {}
         for idx in self._buckets:
             names = [self.targets[j][0] for j in idx]
@@ -173,12 +278,24 @@ class GroupLasso:
                 if wc.data_ptr() != w.data_ptr():
                     w.copy_(wc)
                 masks[name] = pair
+        for idx, gamma in self.scales.items():
+            name, w, g = self.targets[idx]
+            n, o, i = self._norms(idx)
+            keep_o, keep_i = ~(n < threshold), ~(i < threshold)
+            # rows, then columns (norms taken before any zeroing, as the fused op does)
+            wc = ops.group_lasso_norms_backward(o * keep_o, torch.zeros_like(i), _contiguous(w.detach()), o, i, g)
+            o2, i2 = ops.group_lasso_norms(wc, g)
+            w.copy_(ops.group_lasso_norms_backward(torch.zeros_like(o2), i2 * keep_i, wc, o2, i2, g))
+            gamma.mul_(keep_o.to(gamma.dtype))
+            masks[name] = (keep_o, keep_i)
         return masks
 
     def state_dict(self) -> dict:
-        return {"lam": self.lam, "lpr": self.lpr, "include_linear": self.include_linear}
+        return {"lam": self.lam, "lpr": self.lpr, "include_linear": self.include_linear,
+                "bn_scale": self.bn_scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.lam, self.lpr = state["lam"], state["lpr"]
         self.include_linear = state.get("include_linear", self.include_linear)
+        self.bn_scale = state.get("bn_scale", self.bn_scale)
         self.refresh()

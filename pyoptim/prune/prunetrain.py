@@ -85,6 +85,11 @@ class PruneTrain(Plugin):
             slice of the channel zeroed) even where their producers are not zero — exact, and it
             removes a channel as soon as group lasso has zeroed its readers' input groups
             (PruneTrain's union rule alone waits for the producer's output group as well).
+        bn_scale: each conv's out-channel groups include the scale of the BatchNorm reading it
+            (``GroupLasso(bn_scale=True)``): in front of a BN the conv weight alone is scale-free.
+        proximal: the group lasso as a proximal step after each optimizer step (group
+            soft-thresholding with the learning rate as the step, ``GroupLasso.prox_``) instead of
+            its subgradient added to the gradients: groups reach exact zeros while training.
         timing: measure the time of the group-lasso updates and of the reconfigurations
             (``time_s``). The group-lasso updates are timed with CUDA events on a GPU, read once
             per epoch (no device sync per step); a reconfiguration synchronises the device around
@@ -97,7 +102,7 @@ class PruneTrain(Plugin):
                  grow_batch: bool = True, round_to: int = 1, max_batch_size: Optional[int] = None,
                  batch_multiple: int = 8, interval_unit: str = "epoch", fuse: bool = False,
                  lam: Optional[float] = None, include_linear: bool = False, timing: bool = False,
-                 drop_unread: bool = True):
+                 drop_unread: bool = True, bn_scale: bool = False, proximal: bool = False):
         if interval < 1:
             raise ValueError(f"PruneTrain: interval must be >= 1, got {interval}")
         if interval_unit not in ("epoch", "step"):
@@ -129,6 +134,7 @@ class PruneTrain(Plugin):
         self._penalty = None
         self.timing = bool(timing)
         self.drop_unread = bool(drop_unread)
+        self.bn_scale, self.proximal = bool(bn_scale), bool(proximal)
         self.time_s: Dict[str, float] = {"group_lasso": 0.0, "reconfigure": 0.0}
         self._gl_timer = _SpanTimer()
 
@@ -140,7 +146,7 @@ class PruneTrain(Plugin):
 
     def _attach(self, trainer) -> None:
         self.gl = GroupLasso(self._base(trainer.model), lam=self.lam, lpr=self.lpr,
-                             include_linear=self.include_linear)
+                             include_linear=self.include_linear, bn_scale=self.bn_scale)
 
     def _calibrate(self, loss: torch.Tensor) -> None:
         value = loss.detach().float().reshape(())
@@ -175,7 +181,8 @@ class PruneTrain(Plugin):
             self._attach(trainer)
         if self.lam is None:
             self._calibrate(loss)
-        self._penalty = self.gl.apply()
+        if not self.proximal:
+            self._penalty = self.gl.apply()
         if self.timing:
             self._gl_timer.stop(trainer.device)
 
@@ -187,6 +194,12 @@ class PruneTrain(Plugin):
         self._collect_timing()
 
     def on_step_end(self, trainer, step: int, metrics: Dict[str, Any]) -> None:
+        if self.proximal and self.lam is not None:
+            if self.timing:
+                self._gl_timer.start(trainer.device)
+            self.gl.prox_(trainer.lr)
+            if self.timing:
+                self._gl_timer.stop(trainer.device)
         if self.interval_unit == "step" and (step + 1) % self.interval == 0:
             self.reconfigure(trainer)
 
@@ -194,6 +207,8 @@ class PruneTrain(Plugin):
         self._collect_timing()
         if self.interval_unit == "epoch" and (epoch + 1) % self.interval == 0:
             self.reconfigure(trainer)
+        if self.proximal and self.gl is not None and self.lam is not None:
+            self._penalty = self.gl.penalty() * self.lam
         if self._penalty is not None:
             metrics["group_lasso_penalty"] = float(self._penalty)
         metrics["lam"] = self.lam

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._util import dist_on
+from .._util import dist_on, flush_denormal
 from . import checkpoint as _ckpt
 from . import batchnorm as _bn
 from .checkpoint import load
@@ -116,6 +116,12 @@ class Trainer:
         progress: ``None`` (log to the ``pyoptim.train`` logger at INFO), ``False`` (nothing) or
             ``fn(info: dict)``, called on rank 0 every ``log_every`` steps
             (``info["event"] == "step"``) and at every epoch end (``"epoch"``, the history row).
+        flush_denormal: ``fit`` runs with the CPU flushing denormal floats to zero
+            (``torch.set_flush_denormal``; the previous setting is restored when it returns).
+            Weights that a regulariser and weight decay shrink towards zero pass through the
+            denormal range, where x86 arithmetic is microcoded: a PruneTrain run of ResNet-20
+            trained 3.5x slower per step from its second epoch without it. ``False`` leaves the
+            setting alone.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Optional[Iterable],
@@ -130,7 +136,7 @@ class Trainer:
                  grad_clip: Optional[float] = None, scheduler_interval: str = "epoch",
                  accuracy: Union[bool, Callable] = True,
                  progress: Union[None, bool, Callable[[Dict[str, Any]], None]] = None,
-                 precise_bn: int = 0):
+                 precise_bn: int = 0, flush_denormal: bool = True):
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError("scheduler_interval must be 'epoch' or 'step'")
         if device is None:
@@ -158,6 +164,7 @@ class Trainer:
         if precise_bn < 0:
             raise ValueError(f"precise_bn must be >= 0 batches, got {precise_bn}")
         self.precise_bn_batches = int(precise_bn)
+        self.flush_denormal = bool(flush_denormal)
         self.scheduler_interval = scheduler_interval
         self.accuracy = accuracy
         self.progress = progress
@@ -566,6 +573,12 @@ class Trainer:
         self._limits = (self.max_epochs if max_epochs is None else max_epochs,
                         self.max_steps if max_steps is None else max_steps)
         self.should_stop = False
+        if not self.flush_denormal:
+            return self._fit()
+        with flush_denormal(True):
+            return self._fit()
+
+    def _fit(self) -> History:
         self._call("on_fit_start")
         self.model.train()
         while not self.will_stop():

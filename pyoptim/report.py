@@ -239,13 +239,15 @@ def draw_training(report: Dict[str, Any], path: str) -> Optional[str]:
     ax.set_title(f"{report['config'].get('model')} / {report['config'].get('data')} / {report['config'].get('method')}")
     ax = axes[1]
     fl = report.get("train_flops_per_sample") or []
-    ax.plot(epochs[: len(fl)], [f / 1e6 for f in fl], marker="o")
-    ax.axhline(report["train_flops_per_sample_initial"] / 1e6, color="grey", ls="--", label="dense")
+    dense0 = report["train_flops_per_sample_initial"] / 1e6
+    ax.axhline(dense0, color="grey", ls="--", label="dense")
     trained = [report["train_flops_per_sample_initial"]] + list(fl[:-1])   # the model each epoch trained
-    if trained and len(trained) <= len(epochs):   # the model epoch e trained, from e - 1 to e
-        ax.fill_between(range(len(trained) + 1), [f / 1e6 for f in trained + trained[-1:]],
-                        report["train_flops_per_sample_initial"] / 1e6, step="post", color="tab:green",
-                        alpha=0.25, label="training FLOPs saved")
+    if fl and len(trained) <= len(epochs):   # epoch e (from e - 1 to e) trained the model of e - 1's end
+        steps = [f / 1e6 for f in trained + trained[-1:]]
+        ax.step(range(len(trained) + 1), steps, where="post", color="tab:green", label="model trained")
+        ax.fill_between(range(len(trained) + 1), steps, dense0, step="post", color="tab:green", alpha=0.25,
+                        label="training FLOPs saved")
+    ax.set_ylim(0, 1.1 * dense0)
     ax.set_xlabel("epoch")
     ax.set_ylabel("training MFLOP / sample")
     if dense:

@@ -26,7 +26,7 @@ with x0.1 at epochs 4 and 6) takes about 20 minutes a run on one CPU core.
 
     python bench/bench_prunetrain.py [--model resnet20] [--epochs 8] [--seeds 0 1 2]
         [--variant plain=] [--variant "bn-scale=--bn-scale"] [--main NAME] [--runs-dir DIR]
-        [--reuse] [--device cpu|cuda] [--redraw JSON]
+        [--reuse] [--only NAME:SEED] [--device cpu|cuda] [--redraw JSON]
 """
 from __future__ import annotations
 
@@ -192,6 +192,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runs-dir", default="runs/bench_prunetrain", help="where each run's report folder goes")
     ap.add_argument("--reuse", action="store_true", help="reuse a run of --runs-dir made with the same command line")
+    ap.add_argument("--only", default=None, metavar="NAME:SEED", help="make just this one run (dense or a variant) "
+                    "in --runs-dir and stop: runs split over processes or machines, then one --reuse call "
+                    "assembles them")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default="prunetrain", help="results file prefix")
     ap.add_argument("--quiet", action="store_true")
@@ -205,6 +208,12 @@ def main() -> None:
     a.main = a.main or list(variants)[-1]
     if a.main not in variants:
         ap.error(f"--main {a.main!r} is not one of the variants {list(variants)}")
+    if a.only:
+        name, _, seed = a.only.rpartition(":")
+        if name != "dense" and name not in variants or not seed.lstrip("-").isdigit():
+            ap.error(f"--only {a.only!r}: NAME:SEED with NAME dense or one of {list(variants)}")
+        run(a, name, "dense" if name == "dense" else "prunetrain", int(seed), variants.get(name, ""))
+        return
     device = torch.device(a.device)
     cmp = compare(a, variants)
     dense0 = cmp["runs"]["dense"][str(a.seeds[0])]

@@ -101,6 +101,11 @@ def test_bench_prunetrain_smoke(tmp_path):
     again = subprocess.run(cmd + ["--reuse"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stderr.count("reused") == 5, again.stderr[-2000:]
     assert json.loads((tmp_path / "prunetrain_cpu.json").read_text())["runs"] == res["runs"]
+    one = subprocess.run(cmd + ["--only", "prox:3"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and (tmp_path / "runs" / "prox_seed3" / "report.json").exists()
+    assert "--seed 3" in " ".join(json.loads((tmp_path / "runs" / "prox_seed3" / "report.json").read_text())["argv"])
+    bad = subprocess.run(cmd + ["--only", "turbo:1"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--only 'turbo:1'" in bad.stderr
 
 
 def test_schedule_and_lever_options_reach_the_run(tmp_path):

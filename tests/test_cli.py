@@ -113,11 +113,13 @@ def test_schedule_and_lever_options_reach_the_run(tmp_path):
     from pyoptim.cli.run import build_run, lr_schedule
     args = cli.build_parser().parse_args(["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "8",
                                           "--synthetic-samples", "64", "--schedule", "step", "--proximal",
-                                          "--bn-scale", "--out", str(tmp_path)])
+                                          "--bn-scale", "--interval", "50", "--interval-unit", "step",
+                                          "--out", str(tmp_path)])
     run = build_run(args, progress=False)
     assert isinstance(run.trainer.scheduler, torch.optim.lr_scheduler.MultiStepLR)
     assert sorted(run.trainer.scheduler.milestones) == [4, 6]
     assert run.prune.proximal and run.prune.bn_scale
+    assert run.prune.interval == 50 and run.prune.interval_unit == "step"
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
     assert sorted(lr_schedule(opt, "step", 2).milestones) == [1, 2]    # two distinct milestones
     with pytest.raises(ValueError, match="kind"):
@@ -179,6 +181,7 @@ def test_bench_budget_smoke(tmp_path):
     ("--device", "gpu", "torch device"), ("--select-fraction", "0", "(0, 1]"),
     ("--warmup", "1", "[0, 1)"), ("--augment-until", "1.5", "[0, 1]"), ("--threshold", "-1", ">= 0"),
     ("--interval", "0", ">= 1"), ("--log-every", "-1", ">= 0"), ("--schedule", "linear", "invalid choice"),
+    ("--interval-unit", "hour", "invalid choice"),
 ])
 def test_bad_options_are_refused_when_parsed_in_one_line(option, value, expected, capsys, monkeypatch):
     """Refused by the parser, before any data is loaded or model built: one line naming the

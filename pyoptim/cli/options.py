@@ -134,7 +134,10 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--width", default="1.0", type=width_arg, help="width multiplier (channels of every layer), or 'auto' "
                    "(with --budget: chosen by timed probes)")
     t.add_argument("--lpr", type=number(float, 0, 1, low_open=True, high_open=True), default=0.2, help="PruneTrain lasso-penalty ratio")
-    t.add_argument("--interval", type=number(int, 1), default=2, help="PruneTrain: reconfigure every N epochs")
+    t.add_argument("--interval", type=number(int, 1), default=2, help="PruneTrain: reconfigure every N epochs "
+                   "(steps with --interval-unit step)")
+    t.add_argument("--interval-unit", choices=("epoch", "step"), default="epoch",
+                   help="PruneTrain: what --interval counts")
     t.add_argument("--threshold", type=number(float, 0), default=1e-4, help="PruneTrain: zero groups under this norm")
     t.add_argument("--bn-scale", action="store_true", help="PruneTrain: a conv's out-channel groups include "
                    "the scale of the BatchNorm after it (the conv weight alone is scale-free there)")

@@ -161,6 +161,7 @@ def _plugins(args, clock, knobs, augment_until):
                           seed=args.seed, augment_until=augment_until)
     if args.method == "prunetrain":
         prune = PruneTrain(lpr=args.lpr, interval=args.interval, threshold=args.threshold,
+                           interval_unit=getattr(args, "interval_unit", "epoch"),
                            grow_batch=not args.no_grow_batch, round_to=args.round_to, fuse=args.fuse,
                            max_batch_size=args.max_batch_size or None, timing=True,
                            bn_scale=getattr(args, "bn_scale", False), proximal=getattr(args, "proximal", False))

@@ -25,8 +25,8 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_RECIPE ?= --model resnet20 --data fashion-mnist --epochs 8 --train-subset 20000 --batch-size 64 \
                --lr 0.1 --schedule step --precise-bn 20 --seed 0
 DEMO_DENSE  ?= bench/results/demo_dense_cpu.json
-DEMO_ARGS   ?= $(DEMO_RECIPE) --method prunetrain --lpr 0.6 --bn-scale --round-to 16 --threshold 0.05 \
-               --interval 1 --max-batch-size 512 --out runs/demo --compare-to $(DEMO_DENSE)
+DEMO_ARGS   ?= $(DEMO_RECIPE) --method prunetrain --lpr 0.65 --bn-scale --round-to 16 --threshold 0.05 \
+               --interval 100 --interval-unit step --max-batch-size 512 --out runs/demo --compare-to $(DEMO_DENSE)
 
 .PHONY: demo demo-dense test cuda-check bench bench-prunetrain bench-budget install clean fashion-mnist
 

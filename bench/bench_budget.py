@@ -113,6 +113,7 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
 
 
 def main() -> None:
+    cli.denormals_flush_to_zero()      # before torch's thread pool starts (see pyoptim.cli)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--data", default="fashion-mnist")

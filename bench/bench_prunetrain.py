@@ -166,6 +166,7 @@ def print_table(result: Dict[str, Any]) -> None:
 
 
 def main() -> None:
+    cli.denormals_flush_to_zero()      # before torch's thread pool starts (see pyoptim.cli)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--data", default="fashion-mnist")

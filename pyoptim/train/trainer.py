@@ -121,7 +121,10 @@ class Trainer:
             Weights that a regulariser and weight decay shrink towards zero pass through the
             denormal range, where x86 arithmetic is microcoded: a PruneTrain run of ResNet-20
             trained 3.5x slower per step from its second epoch without it. ``False`` leaves the
-            setting alone.
+            setting alone. ``torch.set_flush_denormal`` sets the calling thread only, and a
+            thread inherits it when created: with several intra-op threads call it (or
+            ``pyoptim.cli.denormals_flush_to_zero()``) before torch's first parallel op, as
+            ``pyoptim train`` and the benchmarks do, so that the pool's threads flush too.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Optional[Iterable],

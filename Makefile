@@ -6,7 +6,8 @@
 #   make test        venv + pinned deps + build, then the whole test suite
 #   make cuda-check  compile every csrc/cuda/*.cu with nvcc (compile only; no GPU needed)
 #   make bench       the kernel benchmark scripts, results in bench/results/
-#   make bench-prunetrain  dense vs PruneTrain on Fashion-MNIST (about 45 min on 2 CPU cores)
+#   make bench-prunetrain  dense vs PruneTrain and its levers on Fashion-MNIST, 15 000 steps a run,
+#                          3 seeds (about 8 runs of 15-20 min on 2 CPU cores)
 #   make bench-budget      budgeted training on Fashion-MNIST, every knob at 1/2..1/20 of the full
 #                          run's time (about 40 min on 2 CPU cores)
 

@@ -2,11 +2,10 @@
 report (``report.json``, ``report.png`` in ``--out``)."""
 from __future__ import annotations
 
-import os
-import sys
-
 import argparse
 import json
+import os
+import sys
 from typing import Any, Dict
 
 from .options import add_budget_arguments, add_run_arguments, duration_arg

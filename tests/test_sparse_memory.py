@@ -66,6 +66,17 @@ def test_sparse_schemes_agree(name, fused):
     assert est["optimizer_state"] == meas["optimizer_state"]
 
 
+@pytest.mark.parametrize("name", ["paper", "last8"])
+def test_batch_one_agrees(name, fused):
+    """At batch 1 the input prefix ``x[:, :k]`` is a contiguous view of all of x: the layers must
+    still save a copy of just the prefix, as the estimate assumes."""
+    scheme = schemes(fused)[name]
+    est = memory_estimate(fused, scheme, SHAPE, 1)
+    meas = measure_memory(fused, scheme, SHAPE, 1)
+    assert_agree(est, meas, f"{name} at batch 1")
+    assert est["saved_activations"] == meas["saved_activations"]
+
+
 def test_sparse_saves_5x_less_than_full(fused):
     full = measure_memory(fused, None, SHAPE, BATCH)
     sparse = measure_memory(fused, schemes(fused)["paper"], SHAPE, BATCH)
@@ -76,7 +87,7 @@ def test_sparse_saves_5x_less_than_full(fused):
 def test_bias_only_saves_far_less_than_weights(fused):
     """Biases only: the sparse convs of the window save nothing of their inputs; with weights they
     save their inputs (full weights) or input prefixes (the paper's ratios). What both keep alike
-    is what the backward through the window needs anyway: the in-place ReLU6s' input clones."""
+    is what the backward through the window needs anyway: the ReLU6s' bool masks."""
     s = schemes(fused)
     s["w16"] = SparseUpdateScheme.last_layers(fused, 16, {-i: 1.0 for i in range(1, 17)})
     meas = {k: measure_memory(fused, s[k], SHAPE, BATCH) for k in ("bias16", "paper", "w16")}
@@ -93,6 +104,25 @@ def test_bias_only_saves_far_less_than_weights(fused):
     # the classifier only (its input is the one activation left to save)
     clf_only = measure_memory(fused, SparseUpdateScheme(), SHAPE, BATCH)
     assert clf_only["saved_activations"] * 10 <= meas["bias16"]["saved_activations"]
+
+
+def test_relu6_keeps_a_bool_mask(fused):
+    """apply_scheme puts MaskReLU6 in place of every ReLU6: inside the window each saves one byte
+    per element of its input (a plain in-place ReLU6 saves a float copy of it)."""
+    scheme = schemes(fused)["paper"]
+    est, meas = both(fused, scheme)
+    measured = {d["name"]: d["saved"] for d in meas["per_layer"]}
+    relus = [d for d in est["per_layer"] if d["type"] == "MaskReLU6"]
+    assert len(relus) == sum(isinstance(m, nn.ReLU6) for m in fused.modules())
+    inside = [d for d in relus if d["in_window"]]
+    assert len(inside) == 11
+    for d in inside:
+        numel = int(torch.tensor(d["input_shape"]).prod())
+        assert d["saved_rule"] == "bool mask" and d["saved"] == numel == measured[d["name"]], d
+    assert all(d["name"] not in measured for d in relus if not d["in_window"])
+    clones = sum(4 * int(torch.tensor(d["input_shape"]).prod()) for d in inside)  # plain ReLU6s
+    masks = sum(d["saved"] for d in inside)
+    assert est["saved_activations"] - masks + clones >= 3 * est["saved_activations"]
 
 
 def test_masked_way_saves_nothing(fused):
@@ -128,10 +158,11 @@ def test_estimate_runs_no_autograd_and_leaves_model_alone(fused):
     assert window[0]["name"] == layer_names(fused)[-17]  # the first of the 16-layer bias window
 
 
-def test_rules_on_mixed_modules():
+@pytest.mark.parametrize("n", [3, 1])
+def test_rules_on_mixed_modules(n):
     """Module kinds MobileNetV2 does not have (or not in these modes): a frozen plain conv and a
     frozen linear inside the window, BN in train mode, ReLU (in place and not), Hardtanh, pooling,
-    dropout."""
+    dropout; a linear training a feature prefix; batch 1 (prefixes that are contiguous views)."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
@@ -141,10 +172,11 @@ def test_rules_on_mixed_modules():
     names = layer_names(model)
     cases = [None,  # full update
              SparseUpdateScheme([names[1]], {names[1]: 0.5}),  # 2nd conv: later ones frozen
-             SparseUpdateScheme([names[0]], {}, train_classifier=True)]
+             SparseUpdateScheme([names[0]], {}, train_classifier=True),
+             SparseUpdateScheme([names[2], names[3]], {names[2]: 0.25, names[3]: 0.5})]
     for scheme in cases:
-        est = memory_estimate(model, scheme, (3, 16, 16), 3)
-        meas = measure_memory(model, scheme, (3, 16, 16), 3)
+        est = memory_estimate(model, scheme, (3, 16, 16), n)
+        meas = measure_memory(model, scheme, (3, 16, 16), n)
         for k in KEYS:
             assert est[k] == meas[k], (scheme, k, est[k], meas[k])
 

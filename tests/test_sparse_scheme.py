@@ -194,3 +194,124 @@ def test_frozen_layers_inside_the_window_save_nothing():
     assert saved_in_gap and all(shape[0] != 3 for shape in saved_in_gap), saved_in_gap
     y.sum().backward()
     assert m.get_submodule("features.15.conv.0").bias.grad is not None
+
+
+def _snapshot(m):
+    """Every module (by identity) and every parameter's requires_grad, by name."""
+    return ([(n, id(mod)) for n, mod in m.named_modules()],
+            [(n, p.requires_grad) for n, p in m.named_parameters()])
+
+
+def test_apply_scheme_on_a_sparse_model_raises_and_changes_nothing():
+    m = fused_mbv2()
+    wider = sparse.SparseUpdateScheme.last_layers(m, 20, {-1: 0.5})  # reaches below the first window
+    sparse.apply_scheme(m, paper_scheme(m))
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match=r"apply_scheme: model already has \d+ sparse layer\(s\)"):
+        sparse.apply_scheme(m, wider)
+    assert _snapshot(m) == before
+
+
+@pytest.mark.parametrize("n_bias", [60, 53, -1, 2.5])
+def test_last_layers_refuses_n_bias_out_of_range(n_bias):
+    m = fused_mbv2()
+    n = len(sparse.layer_names(m)) - 1       # the classifier is not in the window
+    assert n == 52
+    with pytest.raises(ValueError, match=rf"n_bias must be an integer in \[0, {n}\] .*{n} conv/linear"):
+        sparse.SparseUpdateScheme.last_layers(m, n_bias, {})
+    assert len(sparse.SparseUpdateScheme.last_layers(m, n, {}).bias_layers) == n
+    assert sparse.SparseUpdateScheme.last_layers(m, 0, {}).bias_layers == []
+
+
+@pytest.mark.parametrize("ratio", [1.5, -0.5, float("nan"), float("inf"), "0.5", True])
+def test_sparse_layers_refuse_ratios_outside_0_1(ratio):
+    conv, lin = nn.Conv2d(4, 6, 3, bias=True), nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"SparseConv2d: ratio must be in \(0, 1\]"):
+        sparse.SparseConv2d(conv, ratio, True)
+    with pytest.raises(ValueError, match=r"SparseLinear: ratio must be in \(0, 1\]"):
+        sparse.SparseLinear(lin, ratio, True)
+    with pytest.raises(ValueError, match=r"trained_channels: ratio"):
+        sparse.trained_channels(4, ratio)
+
+
+def test_sparse_layers_ratio_zero_freezes_and_one_trains_all():
+    conv = nn.Conv2d(4, 6, 3, bias=True)
+    frozen, full = sparse.SparseConv2d(conv, 0, True), sparse.SparseConv2d(conv, 1.0, False)
+    assert frozen.trained == 0 and not isinstance(frozen.weight_train, nn.Parameter)
+    assert full.trained == 4 and full.weight_frozen.shape[1] == 0
+
+
+@pytest.mark.parametrize("ratio", [1.5, -0.5, 0.0, float("nan"), "0.5"])
+def test_schemes_refuse_ratios_outside_0_1_naming_the_layer(ratio):
+    pattern = r"weight_ratios\['features.17.conv.6'\] must be in \(0, 1\]"
+    with pytest.raises(ValueError, match=pattern):
+        sparse.SparseUpdateScheme(["features.17.conv.6"], {"features.17.conv.6": ratio})
+    text = '{"bias_layers": ["features.17.conv.6"], "weight_ratios": {"features.17.conv.6": %s}}'
+    if not isinstance(ratio, str):
+        with pytest.raises(ValueError, match=pattern):
+            sparse.SparseUpdateScheme.from_json(text % ("NaN" if ratio != ratio else ratio))
+    m = fused_mbv2()
+    with pytest.raises(ValueError, match=pattern.replace("features.17.conv.6", "features.18.0")):
+        sparse.SparseUpdateScheme.last_layers(m, 4, {-1: ratio})   # the last conv
+    s = sparse.SparseUpdateScheme(["features.17.conv.6"], {"features.17.conv.6": 0.5})
+    s.weight_ratios["features.17.conv.6"] = ratio     # a scheme edited after construction
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match=pattern):
+        sparse.apply_scheme(m, s)
+    assert _snapshot(m) == before
+
+
+@pytest.mark.parametrize("field,text,missing", [
+    ("bias_layers", '{"bias_layers": ["features.17.conv.6", "features.18.conv.0"]}',
+     "features.18.conv.0"),
+    ("weight_ratios", '{"bias_layers": ["features.17.conv.6"], "weight_ratios": {"head.0": 0.5}}',
+     "head.0"),
+    ("classifier", '{"classifier": "fc"}', "fc"),
+])
+def test_a_scheme_naming_a_missing_layer_raises_one_line_and_changes_nothing(field, text, missing):
+    m = fused_mbv2()
+    scheme = sparse.SparseUpdateScheme.from_json(text)
+    before = _snapshot(m)
+    for call in (scheme.validate, lambda model: sparse.apply_scheme(model, scheme)):
+        with pytest.raises(ValueError) as err:
+            call(m)
+        msg = str(err.value)
+        assert "\n" not in msg and f"SparseUpdateScheme.{field}" in msg and repr(missing) in msg, msg
+        assert "'classifier.1'" in msg, msg               # valid names are listed
+        assert _snapshot(m) == before
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_mask_relu6_equals_relu6_and_gradchecks(inplace):
+    from pyoptim.sparse.modules import MaskReLU6
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 5, 4, 4, generator=g, dtype=torch.float64) * 4 + 3
+    # (no NaN: torch's own ReLU6 gradient there is 0 or grad depending on the element's position)
+    x.view(-1)[:5] = torch.tensor([0.0, 6.0, -0.0, -float("inf"), float("inf")], dtype=torch.float64)
+    grad = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    grad.view(-1)[4:8] = float("inf")   # on inputs outside (0, 6) and inside: zeros stay zeros
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = MaskReLU6(inplace)(a * 1), nn.ReLU6(inplace)(b * 1)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    # away from the kinks at 0 and 6
+    xc = (torch.rand(2, 3, 5, generator=g, dtype=torch.float64) * 10 - 2)
+    xc = xc[(xc.abs() > 1e-3) & ((xc - 6).abs() > 1e-3)].requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: MaskReLU6(inplace)(t * 1), (xc,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        MaskReLU6(inplace)(x.clone().requires_grad_(True) * 1)
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.bool, x.shape)]
+
+
+def test_apply_scheme_puts_mask_relu6_in_place_of_relu6():
+    from pyoptim.sparse.modules import MaskReLU6
+    m = fused_mbv2()
+    relus = {n: mod.inplace for n, mod in m.named_modules() if isinstance(mod, nn.ReLU6)}
+    sparse.apply_scheme(m, paper_scheme(m))
+    mods = dict(m.named_modules())
+    assert relus and all(isinstance(mods[n], MaskReLU6) and mods[n].inplace == inplace
+                         for n, inplace in relus.items())
+    assert not any(isinstance(mod, nn.ReLU6) for mod in m.modules())

@@ -72,18 +72,44 @@ def test_conv_frozen_weight_bias_only_and_no_input_grad(backend):
     torch.testing.assert_close(b.grad, torch.full((3,), float(y[0, 0].numel() * 2), dtype=torch.float64, device=device))
 
 
-def test_conv_saves_only_the_input_prefix(backend):
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("groups,k", [(1, 2), (1, 8), (8, 3)], ids=["prefix", "all", "dw"])
+def test_conv_saves_only_the_input_prefix(backend, n, groups, k):
+    """A compact copy owning just the prefix, also at batch 1 where the slice ``x[:, :k]`` is
+    contiguous (and ``.contiguous()`` a view keeping all of x alive); x itself when k == C."""
     device, _ = backend
-    x = rand((2, 8, 5, 5), 8, device)
-    w = rand((4, 8, 3, 3), 9, device)
-    wt, wf = split(w, 2, 1)
+    x = rand((n, 8, 5, 5), 8, device)
+    w = rand((4, 8, 3, 3) if groups == 1 else (8, 1, 3, 3), 9, device)
+    wt, wf = split(w, k, groups)
     wt.requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        pyoptim.ops.sparse_conv2d(x, wt, wf, None, 1, 1, 1, 1)
-    activations = [t for t in saved if t.dim() == 4 and t.shape[0] == 2]
-    assert len(activations) == 1 and activations[0].shape == (2, 2, 5, 5)
-    assert activations[0].untyped_storage().nbytes() == 2 * 2 * 5 * 5 * 8  # a compact copy, not a view of x
+        pyoptim.ops.sparse_conv2d(x, wt, wf, None, 1, 1, 1, groups)
+    acts = [t for t in saved if t.shape[0] == n]    # the weights have 3 to 8 output channels
+    assert len(acts) == 1 and acts[0].shape == (n, k, 5, 5)
+    if k == x.shape[1]:
+        assert acts[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # no copy
+    else:
+        assert acts[0].untyped_storage().nbytes() == n * k * 5 * 5 * 8  # not a view of x
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 7), (1, 1, 7), (2, 3, 7)], ids=str)
+@pytest.mark.parametrize("k", [3, 7])
+def test_linear_saves_only_the_input_prefix(backend, shape, k):
+    device, _ = backend
+    x = rand(shape, 14, device)
+    w = rand((5, 7), 15, device)
+    wt, wf = w[:, :k].clone().requires_grad_(True), w[:, k:].clone()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pyoptim.ops.sparse_linear(x, wt, wf, None)
+    rows = x.numel() // 7
+    acts = [t for t in saved if t.dim() == 2 and t.shape == (rows, k)]
+    assert len(acts) == 1
+    if k == 7:
+        assert acts[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # no copy
+    else:
+        assert acts[0].untyped_storage().nbytes() == rows * k * 8  # not a view of x
 
 
 @pytest.mark.parametrize("k", [0, 3, 7])

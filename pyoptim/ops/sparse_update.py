@@ -204,14 +204,21 @@ def _op(name: str, device: torch.device):
 # ---- what the backward needs -------------------------------------------------------------------
 
 def conv_input_prefix(x: Tensor, weight_train: Tensor, weight_frozen: Tensor, groups: int) -> Tensor:
-    """The slice of ``x`` the trained sub-tensor's gradient reads, as a compact copy (a view would
-    keep all of ``x`` alive)."""
+    """The slice ``x[:, :k]`` the trained sub-tensor's gradient reads.
+
+    For ``k < C`` always a compact copy that owns just the prefix: a view would keep all of ``x``
+    alive, and ``.contiguous()`` alone returns the view whenever the slice happens to be
+    contiguous (batch 1). For ``k == C`` it is ``x`` itself (a copy only when ``x`` is not
+    contiguous), which costs nothing when ``x`` is kept for another backward anyway; this is what
+    :func:`pyoptim.sparse.memory_estimate` assumes."""
     if groups == 1:
         k = weight_train.shape[1]
     else:
         per_group = (weight_train.shape[0] + weight_frozen.shape[0]) // groups
         k = (weight_train.shape[0] // per_group) * weight_train.shape[1]
-    return x[:, :k].contiguous()
+    if k == x.shape[1]:
+        return x.contiguous()
+    return x[:, :k].clone(memory_format=torch.contiguous_format)
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -254,7 +261,11 @@ def _conv_backward(ctx, grad_out):
 
 
 def linear_input_prefix(x: Tensor, k: int) -> Tensor:
-    return x[..., :k].reshape(-1, k).contiguous()
+    """``x[..., :k]`` as ``[M, k]``: a compact copy of the prefix for ``k < C`` (see
+    :func:`conv_input_prefix`), a view of ``x`` for ``k == C`` when ``x`` is contiguous."""
+    if k == x.shape[-1]:
+        return x.reshape(-1, k).contiguous()
+    return x[..., :k].clone(memory_format=torch.contiguous_format).reshape(-1, k)
 
 
 def _linear_setup_context(ctx, inputs, output):

@@ -9,3 +9,7 @@ __all__ = ["SparseConv2d", "SparseLinear", "SparseUpdateScheme", "apply_scheme",
            "layer_names", "reorder_channels", "trained_channels"]
 from .memory import measure_memory, memory_estimate, scheme_masks  # noqa: E402
 __all__ += ["measure_memory", "memory_estimate", "scheme_masks"]
+from .search import (SearchResult, SearchSpace, Scheme, evaluations_to_reach,  # noqa: E402
+                     evolution_search, exact_search, random_search)
+__all__ += ["SearchResult", "SearchSpace", "Scheme", "evaluations_to_reach", "evolution_search",
+            "exact_search", "random_search"]

@@ -18,8 +18,10 @@ PyTorch's autograd saves. They were checked with ``torch.autograd.graph.saved_te
   holds a parameter requiring grad (the whole network for a full update): before it no tensor
   requires grad, so autograd records nothing.
 * ``SparseConv2d`` / ``SparseLinear``: the input-channel (feature) prefix ``x[:, :k]`` as a compact
-  copy when the weight trains (``x`` itself, no copy, when ``k`` is every channel), nothing of
-  ``x`` otherwise (the weights they save are parameters/buffers, not activations).
+  copy that owns just the prefix when the weight trains, whatever the batch (at batch 1 the slice
+  is contiguous but still a view of all of ``x``); ``x`` itself, no copy, when ``k`` is every
+  channel and ``x`` is contiguous; nothing of ``x`` when the weight is frozen (the weights they
+  save are parameters/buffers, not activations).
 * ``nn.Conv2d``: its input, *whenever it is in the graph* -- also with a frozen weight, and also
   when only its bias trains: ``convolution``'s derivative is one formula for input, weight and
   bias, so autograd saves input and weight together. (This is why a frozen layer inside the
@@ -30,6 +32,8 @@ PyTorch's autograd saves. They were checked with ``torch.autograd.graph.saved_te
 * ``ReLU6`` / ``Hardtanh``: not in place, its input; *in place* (``ReLU6(inplace=True)``, as in
   MobileNetV2) a **clone** of its input taken before the op (``hardtanh_``'s derivative reads the
   original ``self``), a new tensor of the input's size -- in-place saves nothing here.
+* ``MaskReLU6`` (what ``apply_scheme`` puts in place of every ``ReLU6``): a bool mask of the
+  input's size, one byte per element, in place or not.
 * ``ReLU``: its output (in place: the same storage as its input, no copy).
 * ``BatchNorm``: its input (also with frozen affine parameters, and in eval mode), plus in
   training mode the batch mean and inverse std (2 x C floats).
@@ -58,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._util import synchronize as _sync
-from .modules import SparseConv2d, SparseLinear
+from .modules import MaskReLU6, SparseConv2d, SparseLinear
 from .scheme import SparseUpdateScheme, apply_scheme
 
 __all__ = ["memory_estimate", "measure_memory", "scheme_masks"]
@@ -229,7 +233,7 @@ def _saved_by(call: _Call, device_type: str, counter: List[int]) -> Tuple[List[T
         if m.trained == 0:
             return [], "weight frozen: nothing"
         k = m.trained
-        if k == x.shape[-1] and x.dim() == 2 and x.is_contiguous():
+        if k == x.shape[-1] and x.is_contiguous():
             return [whole(x)], "input (all features: no copy)"
         return [new(_nbytes(x) // x.shape[-1] * k)], f"input prefix {k}/{x.shape[-1]} features"
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
@@ -238,6 +242,8 @@ def _saved_by(call: _Call, device_type: str, counter: List[int]) -> Tuple[List[T
         if m.weight.requires_grad:
             return [whole(x)], "input"
         return [], "weight frozen: nothing"
+    if isinstance(m, MaskReLU6):
+        return [new(x.numel())], "bool mask"
     if isinstance(m, (nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU, nn.Hardsigmoid,
                       nn.LeakyReLU, nn.ELU)):
         if inplace:

@@ -8,6 +8,7 @@ checkpoint of the sparse model loads into the dense one and back.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -16,10 +17,20 @@ from torch import Tensor, nn
 from ..ops import sparse_update as sops
 
 
+def _check_ratio(ratio, where: str) -> None:
+    """Raises ``ValueError`` unless ``ratio`` is a real number in [0, 1]: (0, 1] trains that share
+    of the channels, 0 freezes the weight (what :func:`~pyoptim.sparse.apply_scheme` gives the frozen
+    layers inside the bias window). Anything else (1.5, -0.5, NaN) would be clamped silently."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio <= 1:
+        raise ValueError(f"{where}: ratio must be in (0, 1] to train that share of the channels, "
+                         f"or 0 to freeze the weight; got {ratio!r}")
+
+
 def trained_channels(total: int, ratio: float, multiple: int = 1) -> int:
-    """How many of ``total`` channels a ``ratio`` trains: rounded up to whole ``multiple`` blocks
-    (conv groups), at least one block when ``ratio > 0``."""
-    if ratio <= 0:
+    """How many of ``total`` channels a ``ratio`` in [0, 1] trains: rounded up to whole
+    ``multiple`` blocks (conv groups), at least one block when ``ratio > 0``."""
+    _check_ratio(ratio, "trained_channels")
+    if ratio == 0:
         return 0
     blocks = total // multiple
     return min(blocks, max(1, math.ceil(ratio * blocks - 1e-9))) * multiple
@@ -93,11 +104,13 @@ class SparseConv2d(_SplitWeight):
     """A ``Conv2d`` that trains only a channel prefix of its weight (and, optionally, its bias).
 
     ``ratio`` of the input channels (``groups == 1``) or of the output channels in whole conv groups
-    (grouped and depthwise convs) is trained; ``ratio == 0`` freezes the weight.
+    (grouped and depthwise convs) is trained; ``ratio == 0`` freezes the weight. Any other ratio
+    outside (0, 1] raises ``ValueError``.
     """
 
     def __init__(self, conv: nn.Conv2d, ratio: float, train_bias: bool):
         super().__init__()
+        _check_ratio(ratio, "SparseConv2d")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("SparseConv2d: only zero padding given as numbers is supported")
         self.stride, self.padding = tuple(conv.stride), tuple(conv.padding)
@@ -124,10 +137,12 @@ class SparseConv2d(_SplitWeight):
 
 
 class SparseLinear(_SplitWeight):
-    """A ``Linear`` that trains only a prefix of its input features (and, optionally, its bias)."""
+    """A ``Linear`` that trains only a prefix of its input features (and, optionally, its bias);
+    ``ratio`` as for :class:`SparseConv2d` (0 freezes the weight, outside [0, 1] raises)."""
 
     def __init__(self, linear: nn.Linear, ratio: float, train_bias: bool):
         super().__init__()
+        _check_ratio(ratio, "SparseLinear")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.split_dim = 1
         self.ratio = ratio
@@ -140,3 +155,43 @@ class SparseLinear(_SplitWeight):
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, trained {self.trained} in-features, "
                 f"bias {'trained' if isinstance(self.bias, nn.Parameter) else 'frozen'}")
+
+
+class _ReLU6Mask(torch.autograd.Function):
+    """``clamp(x, 0, 6)`` whose backward reads a bool mask of ``0 < x < 6`` (1 byte an element)
+    instead of what ``hardtanh_`` saves (a clone of ``x``, 4 bytes an element in float32)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, inplace: bool) -> Tensor:
+        mask = (x > 0) & (x < 6)
+        ctx.save_for_backward(mask)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.clamp_(0, 6)
+        return x.clamp(0, 6)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        # where, not a product: zeros where grad is inf or NaN, as hardtanh_backward gives (which
+        # on a NaN input itself is 0 in its vectorised loop and grad in its scalar tail; this is 0)
+        return torch.where(mask, grad, grad.new_zeros(())), None
+
+
+class MaskReLU6(nn.Module):
+    """``nn.ReLU6`` (same forward, same gradient: 1 on ``0 < x < 6``, 0 elsewhere, also at 0 and 6)
+    that keeps a bool mask for its backward instead of a copy of its input: a quarter of the bytes
+    in float32. :func:`~pyoptim.sparse.apply_scheme` puts it in place of every ``nn.ReLU6``. When
+    nothing needs its gradient it is a plain ``hardtanh`` and saves nothing."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _ReLU6Mask.apply(x, self.inplace)
+        return torch.nn.functional.relu6(x, inplace=self.inplace)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""

@@ -8,13 +8,14 @@ layers; a layer may train weights only inside that window.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .modules import SparseConv2d, SparseLinear
+from .modules import MaskReLU6, SparseConv2d, SparseLinear
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -45,14 +46,30 @@ class SparseUpdateScheme:
     train_classifier: bool = True
     classifier: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        self._check_ratios()
+
+    def _check_ratios(self) -> None:
+        for n, r in self.weight_ratios.items():
+            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 < r <= 1:
+                raise ValueError(f"SparseUpdateScheme.weight_ratios[{n!r}] must be in (0, 1], got {r!r} "
+                                 f"(leave a frozen layer out of weight_ratios)")
+
     # ---- construction helpers ----
     @classmethod
     def last_layers(cls, model: nn.Module, n_bias: int, weight_ratios: Dict[int, float],
                     train_classifier: bool = True) -> "SparseUpdateScheme":
-        """Biases of the last ``n_bias`` conv layers (before the classifier); weights of the convs
-        given by their index from the end (``-1`` is the last conv) at the given ratios."""
+        """Biases of the last ``n_bias`` conv layers (before the classifier), ``0 <= n_bias <=`` the
+        number of those layers; weights of the convs given by their index from the end (``-1`` is
+        the last conv) at the given ratios in (0, 1]. Raises ``ValueError`` otherwise."""
         clf = _classifier_name(model, None) if train_classifier else None
         convs = [n for n in layer_names(model) if n != clf]
+        integer = isinstance(n_bias, numbers.Integral) and not isinstance(n_bias, bool)
+        if not integer or not 0 <= n_bias <= len(convs):
+            besides = " besides the classifier" if clf is not None else ""
+            raise ValueError(f"SparseUpdateScheme.last_layers: n_bias must be an integer in [0, "
+                             f"{len(convs)}] (the model has {len(convs)} conv/linear layers{besides}), "
+                             f"got {n_bias!r}")
         bias = convs[len(convs) - n_bias:] if n_bias > 0 else []
         ratios = {}
         for idx, r in weight_ratios.items():
@@ -92,9 +109,8 @@ class SparseUpdateScheme:
                 raise ValueError(f"SparseUpdateScheme.{what}: unknown layer(s) {bad}; the model's conv/"
                                  f"linear layers are {names[:3]} ... {names[-3:]} "
                                  f"(pyoptim.sparse.layer_names(model) lists them all)")
-        for n, r in self.weight_ratios.items():
-            if not isinstance(r, (int, float)) or not 0 < r <= 1:
-                raise ValueError(f"SparseUpdateScheme.weight_ratios[{n!r}] must be in (0, 1], got {r}")
+        self._check_ratios()
+        for n in self.weight_ratios:
             if n not in self.bias_layers:
                 raise ValueError(f"SparseUpdateScheme: layer {n!r} trains its weight but is outside the "
                                  f"bias window (bias_layers); add it there or drop its weight ratio")
@@ -112,11 +128,12 @@ class SparseUpdateScheme:
 
 def _classifier_name(model: nn.Module, name: Optional[str]) -> str:
     modules = dict(model.named_modules())
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SparseLinear))]
     if name is not None:
         if name not in modules or not isinstance(modules[name], (nn.Linear, SparseLinear)):
-            raise ValueError(f"SparseUpdateScheme.classifier: {name!r} is not a linear layer of the model")
+            raise ValueError(f"SparseUpdateScheme.classifier: {name!r} is not a linear layer of the "
+                             f"model; its linear layers are {linears[-5:]}")
         return name
-    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SparseLinear))]
     if not linears:
         raise ValueError("SparseUpdateScheme: train_classifier is set but the model has no nn.Linear")
     return linears[-1]
@@ -130,28 +147,32 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def apply_scheme(model: nn.Module, scheme: SparseUpdateScheme) -> nn.Module:
     """Freezes ``model`` except what ``scheme`` trains, swapping the conv/linear layers that train —
     and the frozen ones after the first trained layer, which then save nothing for the backward —
-    for :class:`SparseConv2d` / :class:`SparseLinear` (in place; returns the model).
+    for :class:`SparseConv2d` / :class:`SparseLinear`, and every ``nn.ReLU6`` for
+    :class:`~pyoptim.sparse.modules.MaskReLU6` (the same function; its backward keeps a bool mask,
+    not a copy of its input) — in place; returns the model.
 
     Afterwards ``[p for p in model.parameters() if p.requires_grad]`` is exactly the trained
     entries: give those to the optimizer, and frozen weights stay bit-identical whatever its
     momentum or weight decay. ``model.state_dict()`` keeps the plain model's keys.
+
+    Raises ``ValueError`` when ``model`` already has sparse layers or the scheme does not fit it
+    (see :meth:`SparseUpdateScheme.validate`); everything is checked and every new layer built
+    before the model is touched, so on an error the model is unchanged.
     """
+    already = [n for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    if already:
+        raise ValueError(f"apply_scheme: model already has {len(already)} sparse layer(s) "
+                         f"({already[0]!r}, ...); apply a scheme to the plain model")
     scheme.validate(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
     clf = _classifier_name(model, scheme.classifier) if scheme.train_classifier else None
     modules = dict(model.named_modules())
     names = layer_names(model)
     trains = [n == clf or n in scheme.bias_layers or n in scheme.weight_ratios for n in names]
     first = trains.index(True) if any(trains) else len(names)
+    swaps: Dict[str, nn.Module] = {}
     for i, name in enumerate(names):
         m = modules[name]
-        if isinstance(m, (SparseConv2d, SparseLinear)):
-            raise ValueError(f"apply_scheme: layer {name!r} is already sparse; apply a scheme to the "
-                             f"plain model")
         if name == clf:
-            for p in m.parameters():
-                p.requires_grad_(True)
             continue
         ratio = scheme.weight_ratios.get(name, 0.0)
         train_bias = name in scheme.bias_layers
@@ -160,11 +181,18 @@ def apply_scheme(model: nn.Module, scheme: SparseUpdateScheme) -> nn.Module:
         # saves nothing.
         if ratio == 0.0 and not train_bias and i < first:
             continue
-        if isinstance(m, nn.Conv2d):
-            new = SparseConv2d(m, ratio, train_bias)
-        else:
-            new = SparseLinear(m, ratio, train_bias)
-        _set_module(model, name, new.to(m.weight.device))
+        kind = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
+        swaps[name] = kind(m, ratio, train_bias).to(m.weight.device)
+    # an in-place ReLU6 saves a clone of its input, 4x the bytes of MaskReLU6's bool mask
+    swaps.update((n, MaskReLU6(m.inplace)) for n, m in modules.items() if type(m) is nn.ReLU6)
+    # nothing below raises: the model changes only now
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if clf is not None:
+        for p in modules[clf].parameters():
+            p.requires_grad_(True)
+    for name, new in swaps.items():
+        _set_module(model, name, new)
     return model
 
 

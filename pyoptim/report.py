@@ -24,7 +24,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 __all__ = ["pyplot", "write_json", "reserve_seconds", "layer_channels", "knob_label",
            "training_report", "write_training_report", "summary_line", "dense_comparison", "RECIPE_KEYS", "draw_training",
@@ -100,10 +100,21 @@ def _decimate(points, n: int):
 # ----------------------------------------------------------------------------------------------
 # a training run
 
+def flops_between_events(flops0: float, events: List[Dict[str, Any]], samples: int) -> float:
+    """Training FLOPs counted exactly across reconfigurations: the samples between two events
+    (``event["samples"]``: trained so far) at the FLOPs per sample of the model they trained."""
+    total, done, current = 0.0, 0, flops0
+    for e in events:
+        total += (e["samples"] - done) * current
+        done, current = e["samples"], e["train_flops_per_sample"][1]
+    return total + (samples - done) * current
+
+
 def training_report(run, wall_s: float, setup_s: float) -> Dict[str, Any]:
     """The report of a fitted :class:`pyoptim.cli.run.Run`: configuration, per-epoch history,
     channels per conv layer per epoch, training FLOPs (per sample per epoch, and the total: each
-    epoch's samples at the FLOPs of the model it trained), PruneTrain's reconfiguration events and
+    stretch of samples between two reconfigurations at the FLOPs of the model it trained),
+    PruneTrain's reconfiguration events and
     timings, the final test accuracy, and for a budget the budget's result, timeline and LR."""
     from .flops import flops_per_sample
     trainer, rec, prune, budget = run.trainer, run.recorder, run.prune, run.budget
@@ -116,6 +127,9 @@ def training_report(run, wall_s: float, setup_s: float) -> Dict[str, Any]:
     partial = samples - sum(r["samples"] for r in history)
     if partial > 0:
         total += partial * (rec.flops[-1] if rec.flops else rec.train0)
+    events = prune.events if prune is not None else []
+    if events and all("samples" in e for e in events):
+        total = flops_between_events(rec.train0, events, samples)
     last = history[-1] if len(history) else {}
     final_acc, final_loss = last.get("eval_accuracy"), last.get("eval_loss")
     if budget is not None and budget.result.get("final_eval"):

@@ -59,6 +59,32 @@ def test_report_counts_training_flops_per_epoch(tmp_path):
     assert r["train_time_s"] <= r["wall_s"]
 
 
+def test_report_counts_training_flops_exactly_across_reconfigurations_inside_an_epoch(tmp_path):
+    """With reconfigurations every few steps, each stretch of samples is counted at the FLOPs of
+    the model that trained it (from the events' sample counts), not at the epoch's first model."""
+    from pyoptim.report import flops_between_events
+    ev = [{"samples": 5, "train_flops_per_sample": [10.0, 4.0]},
+          {"samples": 9, "train_flops_per_sample": [4.0, 2.0]}]
+    assert flops_between_events(10.0, ev, 12) == 5 * 10 + 4 * 4 + 3 * 2
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", "resnet20", "--data", "synthetic", "--synthetic-samples", "96",
+                     "--epochs", "2", "--interval", "2", "--interval-unit", "step", "--threshold", "1e9",
+                     "--batch-size", "16", "--no-grow-batch", "--out", str(out), "--log-every", "0",
+                     "--device", "cpu", "--width", "0.5"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    ev = r["events"]
+    assert [e["samples"] for e in ev] == [32 * (k + 1) for k in range(len(ev))] and len(ev) == 6
+    assert ev[0]["train_flops_per_sample"][1] < ev[0]["train_flops_per_sample"][0]
+    want, done, cur = 0.0, 0, r["train_flops_per_sample_initial"]
+    for e in ev:                                     # 32 samples per stretch, written out
+        assert e["train_flops_per_sample"][0] == pytest.approx(cur)
+        want, done, cur = want + 32 * cur, e["samples"], e["train_flops_per_sample"][1]
+    want += (192 - done) * cur
+    assert r["train_flops_total"] == pytest.approx(want)
+    per_epoch = [r["train_flops_per_sample_initial"]] + r["train_flops_per_sample"][:-1]
+    assert r["train_flops_total"] < sum(f * 96 for f in per_epoch)   # the per-epoch count is higher
+
+
 def test_make_demo_arguments_parse(monkeypatch):
     """The Makefile's demo command line is a valid `pyoptim train` command on Fashion-MNIST."""
     import re
@@ -114,12 +140,12 @@ def test_schedule_and_lever_options_reach_the_run(tmp_path):
     args = cli.build_parser().parse_args(["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "8",
                                           "--synthetic-samples", "64", "--schedule", "step", "--proximal",
                                           "--bn-scale", "--interval", "50", "--interval-unit", "step",
-                                          "--out", str(tmp_path)])
+                                          "--lasso-epochs", "4", "--out", str(tmp_path)])
     run = build_run(args, progress=False)
     assert isinstance(run.trainer.scheduler, torch.optim.lr_scheduler.MultiStepLR)
     assert sorted(run.trainer.scheduler.milestones) == [4, 6]
     assert run.prune.proximal and run.prune.bn_scale
-    assert run.prune.interval == 50 and run.prune.interval_unit == "step"
+    assert run.prune.interval == 50 and run.prune.interval_unit == "step" and run.prune.lasso_epochs == 4
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
     assert sorted(lr_schedule(opt, "step", 2).milestones) == [1, 2]    # two distinct milestones
     with pytest.raises(ValueError, match="kind"):
@@ -181,7 +207,7 @@ def test_bench_budget_smoke(tmp_path):
     ("--device", "gpu", "torch device"), ("--select-fraction", "0", "(0, 1]"),
     ("--warmup", "1", "[0, 1)"), ("--augment-until", "1.5", "[0, 1]"), ("--threshold", "-1", ">= 0"),
     ("--interval", "0", ">= 1"), ("--log-every", "-1", ">= 0"), ("--schedule", "linear", "invalid choice"),
-    ("--interval-unit", "hour", "invalid choice"),
+    ("--interval-unit", "hour", "invalid choice"), ("--lasso-epochs", "-1", ">= 0"),
 ])
 def test_bad_options_are_refused_when_parsed_in_one_line(option, value, expected, capsys, monkeypatch):
     """Refused by the parser, before any data is loaded or model built: one line naming the
@@ -203,6 +229,8 @@ def test_contradicting_options_are_refused_before_the_data_is_loaded(monkeypatch
         cli.main(["train", "--data", "synthetic", "--width", "auto"])
     with pytest.raises(SystemExit, match="unknown knob"):
         cli.main(["train", "--data", "synthetic", "--budget", "5s", "--knobs", "turbo"])
+    with pytest.raises(SystemExit, match="--lasso-epochs 5 is more than --epochs 4"):
+        cli.main(["train", "--data", "synthetic", "--epochs", "4", "--lasso-epochs", "5"])
 
 
 def test_compare_to_a_dense_run_of_the_same_recipe(tmp_path, capsys, monkeypatch):

@@ -300,3 +300,58 @@ def test_prune_with_bn_scale_zeroes_the_scale_with_its_group():
     assert not masks["c1.weight"][0][2] and masks["c1.weight"][0].sum() == 7
     assert net.b1.weight[2] == 0 and (net.c1.weight[2] == 0).all()
     assert masks["c2.weight"][0].all() and net.b2.weight[5] != 0
+
+
+def _scale_only_penalty(gl, lam):
+    """BN-paired convs: sum |gamma|; the others: their out and in groups (autograd)."""
+    total = 0.0
+    for idx, (_, w, g) in enumerate(gl.targets):
+        if idx in gl.scales:
+            total = total + gl.scales[idx].abs().sum()
+        else:
+            o, i = ref.group_lasso_norms(w, g)
+            total = total + o.sum() + i.sum()
+    return lam * total
+
+
+def test_bn_scale_only_apply_equals_autograd_and_leaves_paired_weights_alone():
+    net = _randomised(ConvBNNet().double(), 15)
+    gl = pyoptim.GroupLasso(net, lam=0.29, bn_scale_only=True)
+    assert gl.bn_scale and {gl.targets[i][0] for i in gl.scales} == {"c1.weight", "c2.weight"}
+    _scale_only_penalty(gl, 0.29).backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad(set_to_none=True)
+    pen = gl.apply()
+    assert float(pen) == pytest.approx(float(_scale_only_penalty(gl, 0.29).detach()), rel=1e-12)
+    assert float(gl.penalty()) == pytest.approx(float(_scale_only_penalty(gl, 1.0).detach()), rel=1e-12)
+    for n, p in net.named_parameters():
+        if n in ("c1.weight", "c2.weight"):          # scale-free in front of their BN: untouched
+            assert p.grad is None or not p.grad.any(), n
+        elif n in want:
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-12, atol=1e-12, msg=n)
+    assert {"b1.weight", "b2.weight", "c3.weight", "twice.weight", "head.weight"} <= set(want)
+
+
+def test_bn_scale_only_prox_and_prune_act_on_the_scales():
+    net = _randomised(ConvBNNet().double(), 16)
+    with torch.no_grad():
+        net.b1.weight[3] = 0.05          # |gamma| under t: soft-thresholded to exactly 0
+        net.b2.weight[6] = -0.3          # shrinks towards 0, keeps its sign
+    w1 = net.c1.weight.detach().clone()
+    gl = pyoptim.GroupLasso(net, lam=0.5, bn_scale_only=True)
+    gamma = net.b2.weight.detach().clone()
+    gl.prox_(0.2)                                     # t = 0.1
+    torch.testing.assert_close(net.b2.weight.detach(), torch.sign(gamma) * (gamma.abs() - 0.1).clamp_min(0))
+    assert net.b1.weight[3] == 0 and torch.equal(net.c1.weight.detach(), w1)   # the weight is not shrunk
+    with torch.no_grad():
+        net.b1.weight[5] = 1e-3
+    masks = gl.prune_(0.01)
+    keep_o, keep_i = masks["c1.weight"]
+    assert keep_o.tolist() == [i not in (3, 5) for i in range(8)] and keep_i.all()
+    assert (net.c1.weight[[3, 5]] == 0).all() and net.b1.weight[5] == 0
+    torch.testing.assert_close(net.c1.weight.detach()[[0, 1, 2, 4, 6, 7]], w1[[0, 1, 2, 4, 6, 7]],
+                               rtol=1e-14, atol=0)
+    state = gl.state_dict()
+    fresh = pyoptim.GroupLasso(net, lam=0.5)
+    fresh.load_state_dict(state)
+    assert fresh.bn_scale_only and fresh.bn_scale

@@ -321,3 +321,31 @@ def test_proximal_fit_reaches_exact_zeros_and_removes_them():
     bns = {id(m.weight) for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert plugin.gl.scales and all(id(g) in bns for g in plugin.gl.scales.values())
     assert trainer.history[-1]["group_lasso_penalty"] > 0
+
+
+def test_lasso_epochs_ends_the_penalty_and_the_reconfigurations_after_a_last_one():
+    trainer, plugin, data = _setup(interval=3, threshold=1e9, lasso_epochs=2, grow_batch=False)
+    hist = trainer.fit(max_epochs=2)
+    # the last lasso epoch reconfigures even off the interval (epoch 2 is not a multiple of 3)
+    assert [e["epoch"] for e in plugin.events] == [1] and not plugin.active
+    assert hist[-1]["lam"] == plugin.lam > 0
+    # from then on: no penalty gradient, no reconfiguration; one step equals plain SGD
+    x, y = next(iter(data))
+    twin, twin_opt = copy.deepcopy((trainer.model, trainer.optimizer))   # momentum buffers too
+    trainer.step(x, y)
+    F.cross_entropy(twin(x), y).backward()
+    twin_opt.step()
+    for (n, a), b in zip(trainer.model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+    hist = trainer.fit(max_epochs=4)
+    assert len(plugin.events) == 1 and hist[-1]["lam"] == 0.0 and "group_lasso_penalty" not in hist[-1]
+    # a checkpoint carries it
+    fresh = PruneTrain(lpr=0.2, interval=3, lasso_epochs=2)
+    fresh.load_state_dict(plugin.state_dict())
+    assert not fresh.active
+
+
+def test_lasso_epochs_is_validated():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="lasso_epochs"):
+            PruneTrain(lasso_epochs=bad)

@@ -141,8 +141,13 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--threshold", type=number(float, 0), default=1e-4, help="PruneTrain: zero groups under this norm")
     t.add_argument("--bn-scale", action="store_true", help="PruneTrain: a conv's out-channel groups include "
                    "the scale of the BatchNorm after it (the conv weight alone is scale-free there)")
+    t.add_argument("--bn-scale-only", action="store_true", help="PruneTrain: a conv a BatchNorm reads is "
+                   "penalised by its BN scales alone (|gamma| per channel, no weight groups: those are scale-free)")
     t.add_argument("--proximal", action="store_true", help="PruneTrain: group lasso as a proximal step "
                    "after each optimizer step (exact zeros while training) instead of its subgradient")
+    t.add_argument("--lasso-epochs", type=number(int, 0), default=0, metavar="N",
+                   help="PruneTrain: group lasso and reconfigurations for the first N epochs only, then "
+                   "the pruned model trains on without the penalty (0: the whole run)")
     t.add_argument("--round-to", type=number(int, 1), default=1)
     t.add_argument("--no-grow-batch", action="store_true")
     t.add_argument("--max-batch-size", type=number(int, 0), default=0, help="PruneTrain: bound of the grown batch "

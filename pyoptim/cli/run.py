@@ -164,7 +164,9 @@ def _plugins(args, clock, knobs, augment_until):
                            interval_unit=getattr(args, "interval_unit", "epoch"),
                            grow_batch=not args.no_grow_batch, round_to=args.round_to, fuse=args.fuse,
                            max_batch_size=args.max_batch_size or None, timing=True,
-                           bn_scale=getattr(args, "bn_scale", False), proximal=getattr(args, "proximal", False))
+                           bn_scale=getattr(args, "bn_scale", False), proximal=getattr(args, "proximal", False),
+                           lasso_epochs=getattr(args, "lasso_epochs", 0) or None,
+                           bn_scale_only=getattr(args, "bn_scale_only", False))
     return budget, prune
 
 
@@ -192,6 +194,8 @@ def build_run(args, progress: bool = True) -> Run:
     augment_until = getattr(args, "augment_until", None)
     if augment_until is not None and clock is None:
         raise SystemExit("pyoptim: --augment-until is a share of the budget's training time: give --budget too")
+    if getattr(args, "lasso_epochs", 0) and args.lasso_epochs > args.epochs:
+        raise SystemExit(f"pyoptim: --lasso-epochs {args.lasso_epochs} is more than --epochs {args.epochs}")
     torch.manual_seed(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()

@@ -20,6 +20,13 @@ Two variants (levers measured in docs/benchmarks.md), both still PruneTrain's gr
   ``optimizer.step()``, ``W_g <- W_g * max(0, 1 - step*lam/||W_g||)`` for every out- then every
   in-channel group, with ``step`` the learning rate. Groups reach exact zeros while training,
   so the network trains on the function the reconfiguration will keep.
+* ``bn_scale_only=True``: a conv a BatchNorm reads is penalised through its BN scales alone,
+  ``sum_k |gamma[k]|`` (Network Slimming's term, with PruneTrain's LPR coefficient); its weight
+  groups carry no penalty. In front of a BN the weight is scale-free, and a penalty on it shrinks
+  every channel's weight, the surviving ones too, which raises their effective learning rate
+  (``lr / ||W||^2``) for the rest of the run; the scale is what the channel contributes. A channel
+  whose scale falls under the threshold is removed with its weight row. Convs no BN reads keep
+  their weight groups.
 """
 from __future__ import annotations
 
@@ -130,10 +137,12 @@ class GroupLasso:
         lpr: the lasso-penalty ratio, the share of the total loss the penalty has at the start.
         bn_scale: out-channel groups of a conv that a BatchNorm reads include the BN's scale
             (:func:`following_batchnorms`); those convs go through torch ops, not the fused op.
+        bn_scale_only: such a conv is penalised by its BN scales alone (``|gamma[k]|`` per
+            out-channel, no weight groups); implies ``bn_scale``.
     """
 
     def __init__(self, model: nn.Module, lam: Optional[float] = None, lpr: float = 0.2,
-                 include_linear: bool = False, bn_scale: bool = False):
+                 include_linear: bool = False, bn_scale: bool = False, bn_scale_only: bool = False):
         if lam is not None and not (math.isfinite(lam) and lam >= 0):
             raise ValueError(f"GroupLasso: lam must be finite and >= 0, got {lam}")
         if not (0.0 < lpr < 1.0):
@@ -142,7 +151,8 @@ class GroupLasso:
         self.lam = lam
         self.lpr = lpr
         self.include_linear = include_linear
-        self.bn_scale = bool(bn_scale)
+        self.bn_scale_only = bool(bn_scale_only)
+        self.bn_scale = bool(bn_scale) or self.bn_scale_only
         self.refresh()
 
     def refresh(self) -> None:
@@ -161,8 +171,12 @@ class GroupLasso:
         self._buckets = list(buckets.values())
 
     def _norms(self, idx: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(out-group norms with the BN scale, weight-only out norms, in norms)`` of target idx."""
+        """``(out-group norms with the BN scale, weight-only out norms, in norms)`` of target idx
+        (under ``bn_scale_only``: ``|gamma|``, and no in-groups: zeros)."""
         _, w, g = self.targets[idx]
+        if self.bn_scale_only and idx in self.scales:
+            n = self.scales[idx].detach().abs()
+            return n, torch.zeros_like(n), n.new_zeros(w.shape[1] * g)
         o, i = ops.group_lasso_norms(_contiguous(w.detach()), g)
         gamma = self.scales.get(idx)
         n = o if gamma is None else torch.sqrt(o.square() + gamma.detach().to(o.dtype).square())
@@ -230,8 +244,13 @@ class GroupLasso:
         """``lam * d||(W[k], gamma[k])|| / d(W, gamma) + lam * d||W[:, c]||/dW`` into the grads."""
         _, w, g = self.targets[idx]
         n, o, i = self._norms(idx)
-        inv = torch.where(n == 0, torch.zeros_like(n), n.reciprocal())
         lam = self.lam
+        if self.bn_scale_only:   # lam * d|gamma|/dgamma; the weight is not penalised
+            if gamma.grad is None:
+                gamma.grad = torch.zeros_like(gamma)
+            gamma.grad.add_(torch.sign(gamma.detach()), alpha=lam)
+            return n.sum() * lam
+        inv = torch.where(n == 0, torch.zeros_like(n), n.reciprocal())
         upd = ops.group_lasso_norms_backward(lam * o * inv, torch.full_like(i, lam), _contiguous(w.detach()), o, i, g)
         for p, d in ((w, upd), (gamma, (lam * gamma.detach().to(inv.dtype) * inv).to(gamma.dtype))):
             if p.grad is None:
@@ -254,9 +273,12 @@ class GroupLasso:
         for idx, (_, w, g) in enumerate(self.targets):
             n, o, i = self._norms(idx)
             keep = (1.0 - t / n.clamp_min(1e-30)).clamp_min(0.0)
+            gamma = self.scales.get(idx)
+            if gamma is not None and self.bn_scale_only:
+                gamma.mul_(keep.to(gamma.dtype))
+                continue
             wc = _contiguous(w.detach())
             wc = ops.group_lasso_norms_backward(o * keep, torch.zeros_like(i), wc, o, i, g)
-            gamma = self.scales.get(idx)
             if gamma is not None:
                 gamma.mul_(keep.to(gamma.dtype))
             o, i = ops.group_lasso_norms(wc, g)
@@ -282,6 +304,9 @@ class GroupLasso:
             name, w, g = self.targets[idx]
             n, o, i = self._norms(idx)
             keep_o, keep_i = ~(n < threshold), ~(i < threshold)
+            if self.bn_scale_only:   # the scales decide; the rows go with them, no in-groups
+                o, i = ops.group_lasso_norms(_contiguous(w.detach()), g)
+                keep_i = torch.ones_like(keep_i)
             # rows, then columns (norms taken before any zeroing, as the fused op does)
             wc = ops.group_lasso_norms_backward(o * keep_o, torch.zeros_like(i), _contiguous(w.detach()), o, i, g)
             o2, i2 = ops.group_lasso_norms(wc, g)
@@ -292,10 +317,11 @@ class GroupLasso:
 
     def state_dict(self) -> dict:
         return {"lam": self.lam, "lpr": self.lpr, "include_linear": self.include_linear,
-                "bn_scale": self.bn_scale}
+                "bn_scale": self.bn_scale, "bn_scale_only": self.bn_scale_only}
 
     def load_state_dict(self, state: dict) -> None:
         self.lam, self.lpr = state["lam"], state["lpr"]
         self.include_linear = state.get("include_linear", self.include_linear)
         self.bn_scale = state.get("bn_scale", self.bn_scale)
+        self.bn_scale_only = state.get("bn_scale_only", self.bn_scale_only)
         self.refresh()

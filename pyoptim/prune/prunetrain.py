@@ -87,6 +87,12 @@ class PruneTrain(Plugin):
             (PruneTrain's union rule alone waits for the producer's output group as well).
         bn_scale: each conv's out-channel groups include the scale of the BatchNorm reading it
             (``GroupLasso(bn_scale=True)``): in front of a BN the conv weight alone is scale-free.
+        bn_scale_only: a conv a BatchNorm reads is penalised by its BN scales alone
+            (``GroupLasso(bn_scale_only=True)``: ``|gamma[k]|``, no weight groups there).
+        lasso_epochs: the group lasso and the reconfigurations run for this many epochs (default:
+            the whole run); at the end of that epoch the model is reconfigured one last time and
+            then trains on, pruned, without the penalty (as a fine-tuning phase: with a step LR
+            schedule, set it to the epoch of the first decay).
         proximal: the group lasso as a proximal step after each optimizer step (group
             soft-thresholding with the learning rate as the step, ``GroupLasso.prox_``) instead of
             its subgradient added to the gradients: groups reach exact zeros while training.
@@ -102,7 +108,8 @@ class PruneTrain(Plugin):
                  grow_batch: bool = True, round_to: int = 1, max_batch_size: Optional[int] = None,
                  batch_multiple: int = 8, interval_unit: str = "epoch", fuse: bool = False,
                  lam: Optional[float] = None, include_linear: bool = False, timing: bool = False,
-                 drop_unread: bool = True, bn_scale: bool = False, proximal: bool = False):
+                 drop_unread: bool = True, bn_scale: bool = False, proximal: bool = False,
+                 lasso_epochs: Optional[int] = None, bn_scale_only: bool = False):
         if interval < 1:
             raise ValueError(f"PruneTrain: interval must be >= 1, got {interval}")
         if interval_unit not in ("epoch", "step"):
@@ -113,6 +120,9 @@ class PruneTrain(Plugin):
             raise ValueError(f"PruneTrain: lpr must be in (0, 1) (the penalty's share of the loss), got {lpr}")
         if lam is not None and not 0.0 <= lam < float("inf"):
             raise ValueError(f"PruneTrain: lam must be a finite number >= 0, got {lam}")
+        if lasso_epochs is not None and (isinstance(lasso_epochs, bool) or int(lasso_epochs) != lasso_epochs
+                                         or lasso_epochs < 1):
+            raise ValueError(f"PruneTrain: lasso_epochs must be an integer >= 1 or None, got {lasso_epochs}")
         if round_to < 1:
             raise ValueError(f"PruneTrain: round_to must be >= 1, got {round_to}")
         if batch_multiple < 1:
@@ -134,7 +144,10 @@ class PruneTrain(Plugin):
         self._penalty = None
         self.timing = bool(timing)
         self.drop_unread = bool(drop_unread)
-        self.bn_scale, self.proximal = bool(bn_scale), bool(proximal)
+        self.bn_scale_only = bool(bn_scale_only)
+        self.bn_scale, self.proximal = bool(bn_scale) or self.bn_scale_only, bool(proximal)
+        self.lasso_epochs = None if lasso_epochs is None else int(lasso_epochs)
+        self.active = True   # False once lasso_epochs have run: no penalty, no reconfiguration
         self.time_s: Dict[str, float] = {"group_lasso": 0.0, "reconfigure": 0.0}
         self._gl_timer = _SpanTimer()
 
@@ -146,7 +159,8 @@ class PruneTrain(Plugin):
 
     def _attach(self, trainer) -> None:
         self.gl = GroupLasso(self._base(trainer.model), lam=self.lam, lpr=self.lpr,
-                             include_linear=self.include_linear, bn_scale=self.bn_scale)
+                             include_linear=self.include_linear, bn_scale=self.bn_scale,
+                             bn_scale_only=self.bn_scale_only)
 
     def _calibrate(self, loss: torch.Tensor) -> None:
         value = loss.detach().float().reshape(())
@@ -175,6 +189,8 @@ class PruneTrain(Plugin):
         return time.perf_counter()
 
     def after_backward(self, trainer, loss) -> None:
+        if not self.active:
+            return
         if self.timing:   # no device sync per step: CUDA events, read at the epoch end
             self._gl_timer.start(trainer.device)
         if self.gl is None:
@@ -194,6 +210,8 @@ class PruneTrain(Plugin):
         self._collect_timing()
 
     def on_step_end(self, trainer, step: int, metrics: Dict[str, Any]) -> None:
+        if not self.active:
+            return
         if self.proximal and self.lam is not None:
             if self.timing:
                 self._gl_timer.start(trainer.device)
@@ -205,13 +223,17 @@ class PruneTrain(Plugin):
 
     def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None:
         self._collect_timing()
-        if self.interval_unit == "epoch" and (epoch + 1) % self.interval == 0:
+        last = self.active and self.lasso_epochs is not None and epoch + 1 >= self.lasso_epochs
+        if self.active and (last or (self.interval_unit == "epoch" and (epoch + 1) % self.interval == 0)):
             self.reconfigure(trainer)
+        if last:   # the penalty's last epoch: the pruned model trains on without it
+            self.active = False
+            self._penalty = None
         if self.proximal and self.gl is not None and self.lam is not None:
             self._penalty = self.gl.penalty() * self.lam
         if self._penalty is not None:
             metrics["group_lasso_penalty"] = float(self._penalty)
-        metrics["lam"] = self.lam
+        metrics["lam"] = self.lam if self.active or last else 0.0
         if self.channels is not None:
             metrics["channels"] = self.channels
         if self.flops_per_sample is not None:
@@ -258,6 +280,9 @@ class PruneTrain(Plugin):
         self.channels = report.channels_after
         event = {"step": trainer.global_step,
                  "epoch": getattr(trainer, "epoch", None),
+                 # the samples trained so far (all ranks): the training FLOPs are counted exactly
+                 # from these, each stretch at the FLOPs of the model it trained
+                 "samples": trainer.samples_seen * max(1, getattr(trainer, "world_size", 1)),
                  "channels": [report.channels_before, report.channels_after],
                  "params": [report.params_before, report.params_after],
                  "train_flops_per_sample": [before, after],
@@ -290,7 +315,8 @@ class PruneTrain(Plugin):
     def state_dict(self) -> Dict[str, Any]:
         return {"lam": self.lam, "flops_per_sample0": self.flops_per_sample0,
                 "flops_per_sample": self.flops_per_sample, "batch_size0": self.batch_size0,
-                "channels": self.channels, "events": list(self.events), "time_s": dict(self.time_s)}
+                "channels": self.channels, "events": list(self.events), "time_s": dict(self.time_s),
+                "active": self.active}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.lam = state["lam"]
@@ -300,5 +326,6 @@ class PruneTrain(Plugin):
         self.channels = state["channels"]
         self.events = list(state["events"])
         self.time_s = dict(state.get("time_s", self.time_s))
+        self.active = bool(state.get("active", True))
         if self.gl is not None:
             self.gl.lam = self.lam

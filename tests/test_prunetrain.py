@@ -349,3 +349,37 @@ def test_lasso_epochs_is_validated():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="lasso_epochs"):
             PruneTrain(lasso_epochs=bad)
+
+
+def test_restore_norms_rescales_to_the_starting_rms_and_keeps_the_function():
+    trainer, plugin, data = _setup(interval=100, lasso_epochs=1, restore_norms=True, grow_batch=False)
+    trainer.fit(max_epochs=1)                    # the lasso phase ends here: norms restored
+    assert not plugin.active and len(plugin._rms0) == 21
+    params = dict(trainer.model.named_parameters())
+    for name, rms0 in plugin._rms0.items():
+        assert float(params[name].detach().square().mean().sqrt()) == pytest.approx(rms0, rel=1e-5), name
+    # the rescaling itself: shrink as the group lasso would, then restore; same function
+    model = trainer.model
+    with torch.no_grad():
+        for name in plugin._rms0:
+            params[name].mul_(0.3)         # (far smaller and BN's eps would show)
+    x, y = next(iter(data))
+    model.train()
+    F.cross_entropy(model(x), y).backward()      # gives every weight a momentum buffer below
+    trainer.optimizer.step()
+    ref = copy.deepcopy(model)
+    bufs = {n: trainer.optimizer.state[p]["momentum_buffer"].clone() for n, p in params.items()
+            if n in plugin._rms0}
+    before = {n: float(params[n].detach().square().mean().sqrt()) for n in plugin._rms0}
+    plugin._restore_norms(trainer)
+    for n in plugin._rms0:
+        s = plugin._rms0[n] / before[n]
+        torch.testing.assert_close(trainer.optimizer.state[params[n]]["momentum_buffer"], bufs[n] / s)
+    model.eval()
+    ref.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-3, atol=1e-4)     # BN eps aside, exact
+    model.train()
+    ref.train()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="lasso_epochs"):
+        PruneTrain(restore_norms=True)

@@ -148,6 +148,9 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--lasso-epochs", type=number(int, 0), default=0, metavar="N",
                    help="PruneTrain: group lasso and reconfigurations for the first N epochs only, then "
                    "the pruned model trains on without the penalty (0: the whole run)")
+    t.add_argument("--restore-norms", action="store_true", help="PruneTrain, with --lasso-epochs: at the end of "
+                   "the lasso phase rescale each conv a BN reads to its starting RMS (same function, dense-like "
+                   "effective learning rate)")
     t.add_argument("--round-to", type=number(int, 1), default=1)
     t.add_argument("--no-grow-batch", action="store_true")
     t.add_argument("--max-batch-size", type=number(int, 0), default=0, help="PruneTrain: bound of the grown batch "

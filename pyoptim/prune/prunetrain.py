@@ -25,7 +25,7 @@ from .._util import dist_on, synchronize
 from ..train.plugin import Plugin
 from .channel_graph import ChannelGraph
 from .fuse import FusedModel, fuse_blocks
-from .group_lasso import GroupLasso
+from .group_lasso import GroupLasso, following_batchnorms
 from .reconfigure import channel_keep_masks, reconfigure
 
 __all__ = ["PruneTrain"]
@@ -93,6 +93,12 @@ class PruneTrain(Plugin):
             the whole run); at the end of that epoch the model is reconfigured one last time and
             then trains on, pruned, without the penalty (as a fine-tuning phase: with a step LR
             schedule, set it to the epoch of the first decay).
+        restore_norms: with ``lasso_epochs``, at the end of the lasso phase every conv a BatchNorm
+            reads is rescaled to the RMS its weight had at the start (its bias, the BN's running
+            statistics and the momentum buffers with it): the function is unchanged (BN divides the
+            scale out), but the group lasso has shrunk these scale-free weights, and SGD's
+            effective step on a scale-free weight is ``lr / ||W||^2`` -- so the pruned network
+            would train on at a far larger effective learning rate than dense training.
         proximal: the group lasso as a proximal step after each optimizer step (group
             soft-thresholding with the learning rate as the step, ``GroupLasso.prox_``) instead of
             its subgradient added to the gradients: groups reach exact zeros while training.
@@ -109,7 +115,8 @@ class PruneTrain(Plugin):
                  batch_multiple: int = 8, interval_unit: str = "epoch", fuse: bool = False,
                  lam: Optional[float] = None, include_linear: bool = False, timing: bool = False,
                  drop_unread: bool = True, bn_scale: bool = False, proximal: bool = False,
-                 lasso_epochs: Optional[int] = None, bn_scale_only: bool = False):
+                 lasso_epochs: Optional[int] = None, bn_scale_only: bool = False,
+                 restore_norms: bool = False):
         if interval < 1:
             raise ValueError(f"PruneTrain: interval must be >= 1, got {interval}")
         if interval_unit not in ("epoch", "step"):
@@ -148,6 +155,10 @@ class PruneTrain(Plugin):
         self.bn_scale, self.proximal = bool(bn_scale) or self.bn_scale_only, bool(proximal)
         self.lasso_epochs = None if lasso_epochs is None else int(lasso_epochs)
         self.active = True   # False once lasso_epochs have run: no penalty, no reconfiguration
+        if restore_norms and lasso_epochs is None:
+            raise ValueError("PruneTrain: restore_norms acts at the end of the lasso phase: give lasso_epochs too")
+        self.restore_norms = bool(restore_norms)
+        self._rms0: Dict[str, float] = {}   # conv weight name -> RMS at the start (restore_norms)
         self.time_s: Dict[str, float] = {"group_lasso": 0.0, "reconfigure": 0.0}
         self._gl_timer = _SpanTimer()
 
@@ -158,6 +169,11 @@ class PruneTrain(Plugin):
         return model.unfused if isinstance(model, FusedModel) else model
 
     def _attach(self, trainer) -> None:
+        if self.restore_norms and not self._rms0:
+            model = self._base(trainer.model)
+            params = dict(model.named_parameters())
+            self._rms0 = {n: float(params[n].detach().float().square().mean().sqrt())
+                          for n in following_batchnorms(model)}
         self.gl = GroupLasso(self._base(trainer.model), lam=self.lam, lpr=self.lpr,
                              include_linear=self.include_linear, bn_scale=self.bn_scale,
                              bn_scale_only=self.bn_scale_only)
@@ -227,6 +243,8 @@ class PruneTrain(Plugin):
         if self.active and (last or (self.interval_unit == "epoch" and (epoch + 1) % self.interval == 0)):
             self.reconfigure(trainer)
         if last:   # the penalty's last epoch: the pruned model trains on without it
+            if self.restore_norms:
+                self._restore_norms(trainer)
             self.active = False
             self._penalty = None
         if self.proximal and self.gl is not None and self.lam is not None:
@@ -296,6 +314,33 @@ class PruneTrain(Plugin):
         self.events.append(event)
         return event
 
+    @torch.no_grad()
+    def _restore_norms(self, trainer) -> None:
+        """Rescales each conv a BN reads back to its starting RMS: ``W, b <- s*W, s*b``, the BN's
+        running mean and variance by ``s`` and ``s^2`` (its train-mode output is unchanged), and the
+        momentum buffers by ``1/s`` (the gradient of the rescaled weight is ``1/s`` of the old)."""
+        model = self._base(trainer.model)
+        params = dict(model.named_parameters())
+        for name, bn in following_batchnorms(model).items():
+            w = params[name]
+            rms = float(w.detach().float().square().mean().sqrt())
+            if name not in self._rms0 or rms == 0.0:
+                continue
+            s = self._rms0[name] / rms
+            bias = params.get(name[: -len("weight")] + "bias")
+            for p in (w, bias):
+                if p is None:
+                    continue
+                p.mul_(s)
+                buf = trainer.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.div_(s)
+            if bn.running_mean is not None:
+                bn.running_mean.mul_(s)
+                bn.running_var.mul_(s * s)
+        if self.fuse:   # the fused blocks fold the rescaled weights anew
+            trainer.replace_model(fuse_blocks(model))
+
     def _grown_batch(self, trainer) -> Optional[int]:
         ratio = self.flops_per_sample0 / max(self.flops_per_sample, 1.0)
         limit = self.max_batch_size or 8 * self.batch_size0
@@ -316,7 +361,7 @@ class PruneTrain(Plugin):
         return {"lam": self.lam, "flops_per_sample0": self.flops_per_sample0,
                 "flops_per_sample": self.flops_per_sample, "batch_size0": self.batch_size0,
                 "channels": self.channels, "events": list(self.events), "time_s": dict(self.time_s),
-                "active": self.active}
+                "active": self.active, "rms0": dict(self._rms0)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.lam = state["lam"]
@@ -327,5 +372,6 @@ class PruneTrain(Plugin):
         self.events = list(state["events"])
         self.time_s = dict(state.get("time_s", self.time_s))
         self.active = bool(state.get("active", True))
+        self._rms0 = dict(state.get("rms0", {}))
         if self.gl is not None:
             self.gl.lam = self.lam

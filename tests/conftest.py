@@ -8,6 +8,7 @@ os.environ.setdefault("PYOPTIM_QUIET", "1")
 
 import signal  # noqa: E402
 import subprocess  # noqa: E402
+import time  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -67,28 +68,43 @@ def make_rng(seed: int) -> torch.Generator:
 
 
 def _run_ddp_script(script_text: str, tmp_path, args=(), timeout: float = 240):
-    """Writes ``script_text`` to ``tmp_path`` and runs it (it starts the gloo worker processes
-    itself) with one intra-op thread, in its own session, killed with its workers on timeout.
-    Fails the test with the script's output when it fails. Returns the per-rank results the
-    workers saved as ``rank{r}.pt`` in ``tmp_path``."""
+    """Writes ``script_text`` to ``tmp_path`` and runs it as two independent processes, as
+    ``torchrun`` would: ``RANK``, ``WORLD_SIZE`` in the environment, no fork (a fork of a process
+    that has imported torch can inherit a lock held by one of its threads and hang). Each process
+    has one intra-op thread and its own session; both are killed on timeout. Fails the test with
+    the scripts' output when one fails. Returns the per-rank results the workers saved as
+    ``rank{r}.pt`` in ``tmp_path``."""
     script = tmp_path / "ddp_script.py"
     script.write_text(script_text)
-    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")   # one thread: safe to fork
-    proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)             # the script and its workers
-        out, err = proc.communicate()
-        pytest.fail("the DDP workers timed out:\n" + out[-3000:] + err[-3000:])
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    deadline = time.monotonic() + timeout
+    outs, timed_out = [], False
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for q in procs:
+                if q.poll() is None:
+                    os.killpg(q.pid, signal.SIGKILL)
+            outs.append(proc.communicate()[0])
+    for proc in procs[len(outs):]:
+        outs.append(proc.communicate()[0])
+    text = "".join(f"--- rank {r} (exit {p.returncode}) ---\n{o[-3000:]}\n"
+                   for r, (p, o) in enumerate(zip(procs, outs)))
+    if timed_out:
+        pytest.fail("the DDP workers timed out:\n" + text)
+    assert all(p.returncode == 0 for p in procs), text
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 @pytest.fixture
 def run_ddp_script():
     """``run_ddp_script(script_text, tmp_path, args=(), timeout=240) -> [rank0, rank1]``: runs a
-    script that starts two gloo workers (see :func:`_run_ddp_script`)."""
+    script as two gloo worker processes (see :func:`_run_ddp_script`)."""
     return _run_ddp_script

@@ -915,7 +915,7 @@ def test_augmentation_off_from_the_first_batch_and_bad_arguments():
 # --------------------------------------------------------------------------------------- DDP
 DDP_BUDGET_SCRIPT = r'''
 import datetime, faulthandler, os, sys, time
-import torch, torch.distributed as dist, torch.multiprocessing as mp
+import torch, torch.distributed as dist
 
 OUT = sys.argv[1]
 
@@ -956,8 +956,7 @@ def worker(rank, world):
 
 
 if __name__ == "__main__":
-    import pyoptim.train, torch._dynamo  # noqa: F401   import once, then fork
-    mp.start_processes(worker, args=(2,), nprocs=2, join=True, start_method="fork")
+    worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))   # started as torchrun would
 '''
 
 

@@ -176,7 +176,7 @@ def test_resume_after_a_reconfiguration_equals_an_uninterrupted_run(tmp_path, fu
 
 DDP_PRUNE_SCRIPT = r'''
 import datetime, faulthandler, os, sys
-import torch, torch.distributed as dist, torch.multiprocessing as mp
+import torch, torch.distributed as dist
 
 TEST_FILE, OUT = sys.argv[1], sys.argv[2]
 
@@ -212,8 +212,7 @@ def worker(rank, world):
 
 
 if __name__ == "__main__":
-    import pyoptim.train, torch._dynamo  # noqa: F401   import once, then fork
-    mp.start_processes(worker, args=(2,), nprocs=2, join=True, start_method="fork")
+    worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))   # started as torchrun would
 '''
 
 

@@ -626,7 +626,7 @@ def test_fused_model_round_trip(tmp_path):
 
 DDP_SCRIPT = r'''
 import datetime, faulthandler, os, sys
-import torch, torch.distributed as dist, torch.multiprocessing as mp
+import torch, torch.distributed as dist
 from torch import fx, nn
 
 TEST_FILE, OUT = sys.argv[1], sys.argv[2]
@@ -678,10 +678,7 @@ def worker(rank, world):
 
 
 if __name__ == "__main__":
-    # import everything once, then fork: the workers start at once (spawn would re-import torch)
-    import pyoptim.train, torch._dynamo  # noqa: F401  (an optimizer's first use imports dynamo)
-    helpers()
-    mp.start_processes(worker, args=(2,), nprocs=2, join=True, start_method="fork")
+    worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))   # started as torchrun would
 '''
 
 

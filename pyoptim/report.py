@@ -79,8 +79,9 @@ def layer_channels(model) -> Dict[str, int]:
     :class:`~pyoptim.prune.fuse.FusedModel`)."""
     import torch.nn as nn
     from .prune.fuse import FusedModel
+    from .sparse.modules import SparseConv2d
     base = model.unfused if isinstance(model, FusedModel) else model
-    return {n: m.out_channels for n, m in base.named_modules() if isinstance(m, nn.Conv2d)}
+    return {n: m.out_channels for n, m in base.named_modules() if isinstance(m, (nn.Conv2d, SparseConv2d))}
 
 
 def knob_label(knobs: str) -> str:
@@ -120,13 +121,14 @@ def training_report(run, wall_s: float, setup_s: float) -> Dict[str, Any]:
     trainer, rec, prune, budget = run.trainer, run.recorder, run.prune, run.budget
     history = trainer.history
     # the model of epoch e is the one recorded at the end of epoch e - 1 (the initial one for e = 0)
-    trained_with = [rec.train0] + rec.flops[:-1]
+    first = rec.train0 if getattr(rec, "first", None) is None else rec.first
+    trained_with = [first] + rec.flops[:-1]
     total = sum(f * r["samples"] for f, r in zip(trained_with, history))
     # a budgeted run usually stops inside an epoch: its samples ran on the last recorded model
     samples = trainer.samples_seen * trainer.world_size
     partial = samples - sum(r["samples"] for r in history)
     if partial > 0:
-        total += partial * (rec.flops[-1] if rec.flops else rec.train0)
+        total += partial * (rec.flops[-1] if rec.flops else first)
     events = prune.events if prune is not None else []
     if events and all("samples" in e for e in events):
         total = flops_between_events(rec.train0, events, samples)
@@ -153,9 +155,11 @@ def training_report(run, wall_s: float, setup_s: float) -> Dict[str, Any]:
         "prunetrain_time_s": dict(prune.time_s) if prune is not None else {},
         "final": {"test_accuracy": final_acc, "test_loss": final_loss,
                   "channels": sum(layer_channels(trainer.model).values()),
-                  "train_flops_per_sample": rec.flops[-1] if rec.flops else rec.train0,
+                  "train_flops_per_sample": rec.flops[-1] if rec.flops else first,
                   "width": run.width, "steps": trainer.global_step},
     }
+    if getattr(run, "sparse", None) is not None:
+        report["sparse"] = run.sparse
     if budget is not None:
         report["budget"] = dict(budget.result, plan=run.plan)
         report["timeline"] = budget.timeline
@@ -210,7 +214,14 @@ def summary_line(report: Dict[str, Any]) -> str:
     line = (f"{cfg.get('model')} on {cfg.get('data')} ({cfg.get('method')}): "
             f"test accuracy {100 * (final.get('test_accuracy') or 0):.2f}%, channels {final.get('channels')}, "
             f"training FLOPs/sample {final.get('train_flops_per_sample', 0) / 1e6:.1f} M "
-            f"(dense {report['train_flops_per_sample_initial'] / 1e6:.1f} M), wall {report.get('wall_s', 0):.0f} s")
+            f"({'full update' if report.get('sparse') else 'dense'} "
+            f"{report['train_flops_per_sample_initial'] / 1e6:.1f} M), wall {report.get('wall_s', 0):.0f} s")
+    sp = report.get("sparse")
+    if sp:
+        from .sparse.plugin import format_bytes
+        line += (f"\nsparse update ({sp['how']}): trains {sp['trained_parameters']} of "
+                 f"{sp['total_parameters']} parameters, training memory {format_bytes(sp['training_memory'])} "
+                 f"(full update {format_bytes(sp['full_update_training_memory'])})")
     d = report.get("dense_reference")
     if d:
         when = "" if d["same_machine"] else f" (the dense time is from {d.get('machine') or 'another machine'})"

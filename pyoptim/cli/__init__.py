@@ -4,6 +4,8 @@
     pyoptim train --budget 2m --model resnet18 --data fashion-mnist [--knobs schedule,selective]
     pyoptim sweep --budgets 10s,30s,1m,5m --knobs none --knobs auto ...
     pyoptim report RUN_DIR
+    pyoptim train --method sparse --init CKPT --task few_shot (--scheme S.json | --memory-budget 1MB)
+    pyoptim search-scheme --init CKPT --task few_shot --memory-budget 1MB --tables T.json --out DIR
 
 ``train`` runs the Trainer (dense or with the PruneTrain plug-in) with a progress line (epoch,
 loss, accuracy, channels left, training FLOPs per sample, samples/s, ETA) and writes to the run
@@ -13,7 +15,9 @@ channels per layer over time). With ``--budget`` the run is a budgeted one
 (:class:`pyoptim.budget.Budgeted`: one clock from the command's start, the stop predicted to end
 within the budget) and the picture shows accuracy and learning rate against seconds. ``sweep``
 runs one budgeted run per budget (and per knob set) and draws accuracy against budget.
-``report`` redraws the picture from ``report.json``.
+``report`` redraws the picture from ``report.json``. ``train --method sparse`` fine-tunes a
+pretrained model with a sparse update scheme (:mod:`.sparse`); ``search-scheme`` searches one for
+a memory budget (:mod:`.search_scheme`).
 
 One module per command (:mod:`.train`, :mod:`.sweep`, :mod:`.report`), each with ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> exit code``; :data:`COMMANDS` lists them in the order
@@ -33,7 +37,7 @@ __all__ = ["main", "build_parser", "run_training", "build_run", "Run", "DataErro
            "denormals_flush_to_zero"]
 
 #: subcommand name -> module (in pyoptim.cli) with HELP, add_arguments(parser) and run(args)
-COMMANDS = {"train": ".train", "sweep": ".sweep", "report": ".report"}
+COMMANDS = {"train": ".train", "sweep": ".sweep", "report": ".report", "search-scheme": ".search_scheme"}
 
 
 def build_parser() -> Parser:

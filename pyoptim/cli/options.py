@@ -122,8 +122,9 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--data", "--dataset", dest="data", default="fashion-mnist",
                    help="fashion-mnist, cifar10, cifar100 or synthetic")
     t.add_argument("--data-dir", default=None, help="folder of the data set (else $PYOPTIM_DATA, system folders)")
-    t.add_argument("--method", default=None, choices=("prunetrain", "dense"),
-                   help="default: prunetrain, or dense with --budget / for sweep")
+    t.add_argument("--method", default=None, choices=("prunetrain", "dense", "sparse"),
+                   help="default: prunetrain, or dense with --budget / for sweep; sparse: fine-tune "
+                        "--init on --task with a sparse update scheme")
     t.add_argument("--epochs", type=number(int, 1), default=10)
     t.add_argument("--batch-size", type=number(int, 1), default=128)
     t.add_argument("--lr", type=number(float, 0, low_open=True), default=0.1)

@@ -47,6 +47,8 @@ class Recorder(Plugin):
         self.flops: List[float] = []                # training FLOPs per sample, per epoch end
         self.layers0: Dict[str, int] = {}
         self.forward0 = self.train0 = 0.0
+        self.first: Optional[float] = None          # training FLOPs/sample of the first epoch's model, when
+        #                                             it is not the counted one (a sparse update of it)
 
     def count_initial(self, model) -> None:
         """Channels and FLOPs per sample of the model before training."""
@@ -55,7 +57,8 @@ class Recorder(Plugin):
 
     def on_epoch_end(self, trainer, epoch, metrics):
         self.layers.append(layer_channels(trainer.model))
-        fl = flops_per_sample(trainer.model, self.example)[1] if self.recount else self.train0
+        fl = (flops_per_sample(trainer.model, self.example)[1] if self.recount else
+              self.train0 if self.first is None else self.first)
         self.flops.append(fl)
         metrics["train_flops_per_sample"] = fl
         metrics["channels"] = sum(self.layers[-1].values())
@@ -75,6 +78,7 @@ class Run:
     knobs: List[str] = field(default_factory=list)
     plan: Optional[Dict[str, Any]] = None
     t_start: float = 0.0               # when building started (perf_counter)
+    sparse: Optional[Dict[str, Any]] = None   # --method sparse: the scheme and how it was chosen
 
 
 def _load_data(args, device):
@@ -180,6 +184,9 @@ def build_run(args, progress: bool = True) -> Run:
     from ..train import Trainer
     from .progress import budget_printer, training_printer
 
+    if getattr(args, "method", None) == "sparse":
+        from .sparse import build_sparse_run
+        return build_sparse_run(args, progress)
     budget_s = getattr(args, "budget", None)
     if getattr(args, "method", None) is None:
         args.method = "dense" if budget_s else "prunetrain"

@@ -10,13 +10,15 @@ from typing import Any, Dict
 
 from .options import add_budget_arguments, add_run_arguments, duration_arg
 from .run import DataError, run_training
+from .sparse import add_sparse_arguments, check_sparse_options
 
-HELP = "train a model (dense, PruneTrain, or for a budget) and write a report"
+HELP = "train a model (dense, PruneTrain, for a budget, or a sparse update) and write a report"
 
 
 def add_arguments(t) -> None:
     add_run_arguments(t)
     add_budget_arguments(t)
+    add_sparse_arguments(t)
     t.add_argument("--budget", default=None, type=duration_arg,
                    help="wall-clock budget (90s, 2m, 1h): the run, from the command's start to its report, "
                         "ends within it; --epochs then only bounds the naive recipe")
@@ -59,13 +61,17 @@ def check_same_recipe(args, dense: Dict[str, Any]) -> None:
 def run(args) -> int:
     if args.method is None:
         args.method = "dense" if args.budget else "prunetrain"
+    check_sparse_options(args)
     if args.out is None:
-        args.out = os.path.join("runs", f"{args.model}-{args.data}-{args.method}"
-                                + (f"-budget{args.budget:g}s" if args.budget else ""))
+        args.out = (os.path.join("runs", f"sparse-{args.task}") if args.method == "sparse" else
+                    os.path.join("runs", f"{args.model}-{args.data}-{args.method}"
+                                 + (f"-budget{args.budget:g}s" if args.budget else "")))
     dense = args.compare_to
     if dense is not None:
         if args.budget:
             raise SystemExit("pyoptim train: --compare-to compares runs of the same length: not with --budget")
+        if args.method == "sparse":
+            raise SystemExit("pyoptim train: --compare-to compares with a dense run: not with --method sparse")
         check_same_recipe(args, dense)
         args.compare_to = dense["path"]        # the report's config keeps the path, not the report
     try:

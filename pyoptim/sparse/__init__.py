@@ -17,3 +17,5 @@ from .tasks import TASKS, PretrainConfig, Task, finetune, make_task, pretrain  #
 from .contribution import ContributionTables, contribution, search_space  # noqa: E402
 __all__ += ["TASKS", "PretrainConfig", "Task", "finetune", "make_task", "pretrain",
             "ContributionTables", "contribution", "search_space"]
+from .plugin import SparseUpdate, format_bytes, parse_bytes, scheme_for_budget  # noqa: E402
+__all__ += ["SparseUpdate", "format_bytes", "parse_bytes", "scheme_for_budget"]

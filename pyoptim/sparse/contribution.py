@@ -40,7 +40,7 @@ from .search import SearchSpace
 from .tasks import Task, _classifier, finetune
 
 __all__ = ["DEFAULT_RATIOS", "ContributionTables", "contribution", "conv_positions",
-           "default_candidates", "search_space", "update_scheme"]
+           "default_candidates", "model_digest", "search_space", "update_scheme"]
 
 DEFAULT_RATIOS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 _FORMAT = "pyoptim.sparse.contribution/1"
@@ -87,7 +87,8 @@ def update_scheme(model: nn.Module, k: int, weights: Dict[str, float]) -> Option
     return SparseUpdateScheme.last_layers(model, k, {-pos[n]: r for n, r in weights.items()})
 
 
-def _sha(model: nn.Module) -> str:
+def model_digest(model: nn.Module) -> str:
+    """A short hash of ``model``'s state dict: what a contribution table was measured on."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
@@ -96,7 +97,7 @@ def _sha(model: nn.Module) -> str:
 
 
 def _identity(model: nn.Module, task: Task, fn: Callable, hyper: dict) -> dict:
-    return {"format": _FORMAT, "model": _sha(model), "task": task.config(),
+    return {"format": _FORMAT, "model": model_digest(model), "task": task.config(),
             "finetune": f"{fn.__module__}.{getattr(fn, '__qualname__', type(fn).__qualname__)}",
             **hyper}
 

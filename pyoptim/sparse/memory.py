@@ -287,7 +287,8 @@ def memory_estimate(model: nn.Module, scheme: Optional[SparseUpdateScheme], inpu
     parameter trains), for inputs ``[batch_size, *input_shape]`` of ``dtype``.
 
     Returns ``saved_activations``, ``gradients``, ``optimizer_state``, ``parameters``, ``total``
-    (bytes) and ``per_layer``: one dict per leaf-module call in forward order (``name``, ``type``,
+    and ``training`` (``total`` less the parameters: what training adds to inference, the budget
+    of ``pyoptim train --memory-budget``; bytes) and ``per_layer``: one dict per leaf-module call in forward order (``name``, ``type``,
     ``input_shape``, ``output_shape``, ``in_window``, ``trains``, ``saved`` bytes first charged to
     it, ``saved_rule``, ``gradients``) and a last ``<loss>`` entry.
 
@@ -354,6 +355,7 @@ def memory_estimate(model: nn.Module, scheme: Optional[SparseUpdateScheme], inpu
         "parameters": _param_bytes(meta),
     }
     out["total"] = sum(out[k] for k in _KEYS)
+    out["training"] = out["total"] - out["parameters"]
     out["per_layer"] = per_layer
     return out
 
@@ -491,6 +493,7 @@ def measure_memory(model: nn.Module, scheme: Optional[SparseUpdateScheme], input
         "parameters": _param_bytes(m),
     }
     out["total"] = sum(out[k] for k in _KEYS)
+    out["training"] = out["total"] - out["parameters"]
     out["per_layer"] = [{"name": n, "saved": per_module[n]} for n in order]
     out["backward_ms"] = backward_ms
     if peak is not None:

@@ -140,12 +140,18 @@ def test_schedule_and_lever_options_reach_the_run(tmp_path):
     args = cli.build_parser().parse_args(["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "8",
                                           "--synthetic-samples", "64", "--schedule", "step", "--proximal",
                                           "--bn-scale", "--interval", "50", "--interval-unit", "step",
-                                          "--lasso-epochs", "4", "--out", str(tmp_path)])
+                                          "--lasso-epochs", "4", "--min-keep", "0.25", "--out", str(tmp_path)])
     run = build_run(args, progress=False)
     assert isinstance(run.trainer.scheduler, torch.optim.lr_scheduler.MultiStepLR)
     assert sorted(run.trainer.scheduler.milestones) == [4, 6]
     assert run.prune.proximal and run.prune.bn_scale
     assert run.prune.interval == 50 and run.prune.interval_unit == "step" and run.prune.lasso_epochs == 4
+    assert run.prune.min_keep == 0.25 and run.prune.lasso_steps is None
+    args = cli.build_parser().parse_args(["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "2",
+                                          "--synthetic-samples", "64", "--lasso-steps", "300", "--restore-norms",
+                                          "--out", str(tmp_path)])
+    run = build_run(args, progress=False)
+    assert run.prune.lasso_steps == 300 and run.prune.lasso_epochs is None and run.prune.restore_norms
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
     assert sorted(lr_schedule(opt, "step", 2).milestones) == [1, 2]    # two distinct milestones
     with pytest.raises(ValueError, match="kind"):
@@ -208,6 +214,7 @@ def test_bench_budget_smoke(tmp_path):
     ("--warmup", "1", "[0, 1)"), ("--augment-until", "1.5", "[0, 1]"), ("--threshold", "-1", ">= 0"),
     ("--interval", "0", ">= 1"), ("--log-every", "-1", ">= 0"), ("--schedule", "linear", "invalid choice"),
     ("--interval-unit", "hour", "invalid choice"), ("--lasso-epochs", "-1", ">= 0"),
+    ("--lasso-steps", "-5", ">= 0"), ("--min-keep", "1.5", "[0, 1]"), ("--min-keep", "-0.1", "[0, 1]"),
 ])
 def test_bad_options_are_refused_when_parsed_in_one_line(option, value, expected, capsys, monkeypatch):
     """Refused by the parser, before any data is loaded or model built: one line naming the
@@ -231,6 +238,8 @@ def test_contradicting_options_are_refused_before_the_data_is_loaded(monkeypatch
         cli.main(["train", "--data", "synthetic", "--budget", "5s", "--knobs", "turbo"])
     with pytest.raises(SystemExit, match="--lasso-epochs 5 is more than --epochs 4"):
         cli.main(["train", "--data", "synthetic", "--epochs", "4", "--lasso-epochs", "5"])
+    with pytest.raises(SystemExit, match="not both"):
+        cli.main(["train", "--data", "synthetic", "--lasso-epochs", "1", "--lasso-steps", "100"])
 
 
 def test_compare_to_a_dense_run_of_the_same_recipe(tmp_path, capsys, monkeypatch):

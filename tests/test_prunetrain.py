@@ -350,6 +350,71 @@ def test_lasso_epochs_is_validated():
             PruneTrain(lasso_epochs=bad)
 
 
+def test_lasso_steps_ends_the_penalty_inside_an_epoch_after_a_last_reconfiguration():
+    # 64 samples at batch 16: 4 steps an epoch; the lasso ends at step 6, in the second epoch
+    trainer, plugin, data = _setup(interval=100, threshold=1e9, lasso_steps=6, grow_batch=False)
+    trainer.fit(max_epochs=1)
+    assert plugin.active and plugin.events == []
+    hist = trainer.fit(max_epochs=2)
+    assert [e["step"] for e in plugin.events] == [6] and not plugin.active
+    assert plugin.lasso_end_step == 6
+    assert hist[-1]["lam"] == plugin.lam > 0          # the epoch the lasso ended in reports its lam
+    x, y = next(iter(data))
+    twin, twin_opt = copy.deepcopy((trainer.model, trainer.optimizer))
+    trainer.step(x, y)                                 # from then on plain SGD: no penalty gradient
+    F.cross_entropy(twin(x), y).backward()
+    twin_opt.step()
+    for (n, a), b in zip(trainer.model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+    hist = trainer.fit(max_epochs=4)
+    assert len(plugin.events) == 1 and hist[-1]["lam"] == 0.0
+    fresh = PruneTrain(lpr=0.2, interval=100, lasso_steps=6)
+    fresh.load_state_dict(plugin.state_dict())
+    assert not fresh.active and fresh.lasso_end_step == 6
+
+
+def test_lasso_steps_and_min_keep_are_validated():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="lasso_steps"):
+            PruneTrain(lasso_steps=bad)
+    with pytest.raises(ValueError, match="not both"):
+        PruneTrain(lasso_steps=10, lasso_epochs=1)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="min_keep"):
+            PruneTrain(min_keep=bad)
+    PruneTrain(restore_norms=True, lasso_steps=5)     # either phase length will do
+
+
+@pytest.mark.parametrize("min_keep, round_to", [(0.5, 1), (0.25, 4), (1.0, 1)])
+def test_min_keep_keeps_a_fraction_of_every_layer_and_every_branch(min_keep, round_to):
+    """Every group lasso drove to zero: without min_keep the residual branches die; with it every
+    layer keeps ceil(min_keep * C) channels rounded up to round_to, the largest ones, and none dies."""
+    import math
+    from pyoptim.prune.channel_graph import ChannelGraph
+    from pyoptim.prune.reconfigure import channel_keep_masks
+    trainer, plugin, data = _setup(interval=100, threshold=1e9, grow_batch=False)
+    model, x = trainer.model, next(iter(data))[0]
+    graph = ChannelGraph(model, x)
+    with torch.no_grad():
+        for blk in (b for st in model.stages for b in st):    # inner channels: a clear ranking
+            scale = 1e-20 * 2.0 ** torch.arange(1, blk.conv1.out_channels + 1)
+            blk.conv1.weight.mul_(scale.view(-1, 1, 1, 1))
+            blk.conv2.weight.mul_(scale.view(1, -1, 1, 1))
+    free = channel_keep_masks(graph, model, threshold=1e9)
+    assert any(not bool(m.any()) for m in free.values())       # branches die without it
+    masks = channel_keep_masks(graph, model, threshold=1e9, round_to=round_to, min_keep=min_keep)
+    for gi, m in masks.items():
+        size = graph.groups[gi].size
+        want = min(size, max(round_to, -(-math.ceil(min_keep * size) // round_to) * round_to))
+        assert int(m.sum()) == want, (gi, size)
+    inner = masks[graph.group_of("stages.0.0.conv1", "producer").index]
+    assert inner[-int(inner.sum()):].all()                     # the largest channels kept
+    new, _, report = pyoptim.prune.reconfigure(model, trainer.optimizer, x, keep=masks)
+    assert report.branches_removed == 0
+    with pytest.raises(ValueError, match="min_keep"):
+        channel_keep_masks(graph, model, min_keep=1.5)
+
+
 def test_restore_norms_rescales_to_the_starting_rms_and_keeps_the_function():
     trainer, plugin, data = _setup(interval=100, lasso_epochs=1, restore_norms=True, grow_batch=False)
     trainer.fit(max_epochs=1)                    # the lasso phase ends here: norms restored
@@ -380,5 +445,5 @@ def test_restore_norms_rescales_to_the_starting_rms_and_keeps_the_function():
     model.train()
     ref.train()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-3, atol=1e-4)
-    with pytest.raises(ValueError, match="lasso_epochs"):
+    with pytest.raises(ValueError, match="lasso_epochs or lasso_steps"):
         PruneTrain(restore_norms=True)

@@ -149,6 +149,11 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--lasso-epochs", type=number(int, 0), default=0, metavar="N",
                    help="PruneTrain: group lasso and reconfigurations for the first N epochs only, then "
                    "the pruned model trains on without the penalty (0: the whole run)")
+    t.add_argument("--lasso-steps", type=number(int, 0), default=0, metavar="N",
+                   help="PruneTrain: as --lasso-epochs, in optimizer steps (a penalty shorter than an epoch)")
+    t.add_argument("--min-keep", type=number(float, 0, 1), default=0.0, metavar="F",
+                   help="PruneTrain: every layer keeps at least this fraction of its channels (no residual "
+                   "branch is removed when F > 0)")
     t.add_argument("--restore-norms", action="store_true", help="PruneTrain, with --lasso-epochs: at the end of "
                    "the lasso phase rescale each conv a BN reads to its starting RMS (same function, dense-like "
                    "effective learning rate)")

@@ -171,7 +171,9 @@ def _plugins(args, clock, knobs, augment_until):
                            bn_scale=getattr(args, "bn_scale", False), proximal=getattr(args, "proximal", False),
                            lasso_epochs=getattr(args, "lasso_epochs", 0) or None,
                            bn_scale_only=getattr(args, "bn_scale_only", False),
-                           restore_norms=getattr(args, "restore_norms", False))
+                           restore_norms=getattr(args, "restore_norms", False),
+                           lasso_steps=getattr(args, "lasso_steps", 0) or None,
+                           min_keep=getattr(args, "min_keep", 0.0))
     return budget, prune
 
 
@@ -204,8 +206,12 @@ def build_run(args, progress: bool = True) -> Run:
         raise SystemExit("pyoptim: --augment-until is a share of the budget's training time: give --budget too")
     if getattr(args, "lasso_epochs", 0) and args.lasso_epochs > args.epochs:
         raise SystemExit(f"pyoptim: --lasso-epochs {args.lasso_epochs} is more than --epochs {args.epochs}")
-    if getattr(args, "restore_norms", False) and not getattr(args, "lasso_epochs", 0):
-        raise SystemExit("pyoptim: --restore-norms acts at the end of the lasso phase: give --lasso-epochs too")
+    if getattr(args, "lasso_epochs", 0) and getattr(args, "lasso_steps", 0):
+        raise SystemExit("pyoptim: give --lasso-epochs or --lasso-steps, not both")
+    if getattr(args, "restore_norms", False) and not (getattr(args, "lasso_epochs", 0)
+                                                      or getattr(args, "lasso_steps", 0)):
+        raise SystemExit("pyoptim: --restore-norms acts at the end of the lasso phase: give --lasso-epochs "
+                         "or --lasso-steps too")
     torch.manual_seed(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()

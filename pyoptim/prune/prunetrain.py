@@ -102,6 +102,12 @@ class PruneTrain(Plugin):
         proximal: the group lasso as a proximal step after each optimizer step (group
             soft-thresholding with the learning rate as the step, ``GroupLasso.prox_``) instead of
             its subgradient added to the gradients: groups reach exact zeros while training.
+        min_keep: every prunable group keeps at least this fraction of its channels (the largest
+            first; rounded up to ``round_to``), so no layer is cut below it and no residual branch
+            is removed (:func:`channel_keep_masks`); 0 (default) lets group lasso decide alone.
+        lasso_steps: like ``lasso_epochs``, in optimizer steps: the group lasso and the
+            reconfigurations stop after this many steps (a last reconfiguration then), for a
+            penalty shorter than an epoch. At most one of the two.
         timing: measure the time of the group-lasso updates and of the reconfigurations
             (``time_s``). The group-lasso updates are timed with CUDA events on a GPU, read once
             per epoch (no device sync per step); a reconfiguration synchronises the device around
@@ -116,7 +122,8 @@ class PruneTrain(Plugin):
                  lam: Optional[float] = None, include_linear: bool = False, timing: bool = False,
                  drop_unread: bool = True, bn_scale: bool = False, proximal: bool = False,
                  lasso_epochs: Optional[int] = None, bn_scale_only: bool = False,
-                 restore_norms: bool = False):
+                 restore_norms: bool = False, min_keep: float = 0.0,
+                 lasso_steps: Optional[int] = None):
         if interval < 1:
             raise ValueError(f"PruneTrain: interval must be >= 1, got {interval}")
         if interval_unit not in ("epoch", "step"):
@@ -130,6 +137,14 @@ class PruneTrain(Plugin):
         if lasso_epochs is not None and (isinstance(lasso_epochs, bool) or int(lasso_epochs) != lasso_epochs
                                          or lasso_epochs < 1):
             raise ValueError(f"PruneTrain: lasso_epochs must be an integer >= 1 or None, got {lasso_epochs}")
+        if lasso_steps is not None and (isinstance(lasso_steps, bool) or int(lasso_steps) != lasso_steps
+                                        or lasso_steps < 1):
+            raise ValueError(f"PruneTrain: lasso_steps must be an integer >= 1 or None, got {lasso_steps}")
+        if lasso_steps is not None and lasso_epochs is not None:
+            raise ValueError("PruneTrain: give lasso_epochs or lasso_steps, not both")
+        if not 0.0 <= min_keep <= 1.0:
+            raise ValueError(f"PruneTrain: min_keep must be in [0, 1] (a fraction of each group's channels), "
+                             f"got {min_keep}")
         if round_to < 1:
             raise ValueError(f"PruneTrain: round_to must be >= 1, got {round_to}")
         if batch_multiple < 1:
@@ -154,9 +169,14 @@ class PruneTrain(Plugin):
         self.bn_scale_only = bool(bn_scale_only)
         self.bn_scale, self.proximal = bool(bn_scale) or self.bn_scale_only, bool(proximal)
         self.lasso_epochs = None if lasso_epochs is None else int(lasso_epochs)
-        self.active = True   # False once lasso_epochs have run: no penalty, no reconfiguration
-        if restore_norms and lasso_epochs is None:
-            raise ValueError("PruneTrain: restore_norms acts at the end of the lasso phase: give lasso_epochs too")
+        self.lasso_steps = None if lasso_steps is None else int(lasso_steps)
+        self.min_keep = float(min_keep)
+        self.lasso_end_step: Optional[int] = None   # the step the lasso phase ended at
+        self._end_reported = False
+        self.active = True   # False once the lasso phase has run: no penalty, no reconfiguration
+        if restore_norms and lasso_epochs is None and lasso_steps is None:
+            raise ValueError("PruneTrain: restore_norms acts at the end of the lasso phase: give lasso_epochs "
+                             "or lasso_steps too")
         self.restore_norms = bool(restore_norms)
         self._rms0: Dict[str, float] = {}   # conv weight name -> RMS at the start (restore_norms)
         self.time_s: Dict[str, float] = {"group_lasso": 0.0, "reconfigure": 0.0}
@@ -234,24 +254,34 @@ class PruneTrain(Plugin):
             self.gl.prox_(trainer.lr)
             if self.timing:
                 self._gl_timer.stop(trainer.device)
-        if self.interval_unit == "step" and (step + 1) % self.interval == 0:
+        last = self.lasso_steps is not None and trainer.global_step >= self.lasso_steps
+        if last or (self.interval_unit == "step" and (step + 1) % self.interval == 0):
             self.reconfigure(trainer)
+        if last:
+            self._end_lasso(trainer)
+
+    def _end_lasso(self, trainer) -> None:
+        """The penalty's last step: the pruned model trains on without it."""
+        if self.restore_norms:
+            self._restore_norms(trainer)
+        self.active = False
+        self._penalty = None
+        self.lasso_end_step = trainer.global_step
 
     def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None:
         self._collect_timing()
         last = self.active and self.lasso_epochs is not None and epoch + 1 >= self.lasso_epochs
         if self.active and (last or (self.interval_unit == "epoch" and (epoch + 1) % self.interval == 0)):
             self.reconfigure(trainer)
-        if last:   # the penalty's last epoch: the pruned model trains on without it
-            if self.restore_norms:
-                self._restore_norms(trainer)
-            self.active = False
-            self._penalty = None
+        if last:
+            self._end_lasso(trainer)
         if self.proximal and self.gl is not None and self.lam is not None:
             self._penalty = self.gl.penalty() * self.lam
         if self._penalty is not None:
             metrics["group_lasso_penalty"] = float(self._penalty)
-        metrics["lam"] = self.lam if self.active or last else 0.0
+        ended_now = self.lasso_end_step is not None and not self._end_reported
+        metrics["lam"] = self.lam if self.active or ended_now else 0.0
+        self._end_reported = self.lasso_end_step is not None
         if self.channels is not None:
             metrics["channels"] = self.channels
         if self.flops_per_sample is not None:
@@ -277,7 +307,8 @@ class PruneTrain(Plugin):
         example = x[: min(2, x.shape[0])] if x.shape[0] >= 2 else x
         self.gl.prune_(self.threshold)
         graph = ChannelGraph(model, example)
-        masks = channel_keep_masks(graph, model, 0.0, self.round_to, drop_unread=self.drop_unread)
+        masks = channel_keep_masks(graph, model, 0.0, self.round_to, drop_unread=self.drop_unread,
+                                   min_keep=self.min_keep)
         if dist_on():  # decide once: the union of every rank's keep-sets (identical under DDP anyway)
             for k in sorted(masks):
                 m = masks[k].to(device=x.device, dtype=torch.uint8)
@@ -361,7 +392,7 @@ class PruneTrain(Plugin):
         return {"lam": self.lam, "flops_per_sample0": self.flops_per_sample0,
                 "flops_per_sample": self.flops_per_sample, "batch_size0": self.batch_size0,
                 "channels": self.channels, "events": list(self.events), "time_s": dict(self.time_s),
-                "active": self.active, "rms0": dict(self._rms0)}
+                "active": self.active, "rms0": dict(self._rms0), "lasso_end_step": self.lasso_end_step}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.lam = state["lam"]
@@ -372,6 +403,8 @@ class PruneTrain(Plugin):
         self.events = list(state["events"])
         self.time_s = dict(state.get("time_s", self.time_s))
         self.active = bool(state.get("active", True))
+        self.lasso_end_step = state.get("lasso_end_step")
+        self._end_reported = self.lasso_end_step is not None
         self._rms0 = dict(state.get("rms0", {}))
         if self.gl is not None:
             self.gl.lam = self.lam

@@ -25,6 +25,7 @@ Python loop over channels.
 """
 from __future__ import annotations
 
+import math
 import operator
 import sys
 from dataclasses import dataclass, field
@@ -527,8 +528,8 @@ def _channel_magnitude(graph: ChannelGraph, model: nn.Module, group: ChannelGrou
 
 
 def channel_keep_masks(graph: ChannelGraph, model: Optional[nn.Module] = None, threshold: float = 0.0,
-                       round_to: int = 1, remove_dead: bool = True, drop_unread: bool = True
-                       ) -> Dict[int, Tensor]:
+                       round_to: int = 1, remove_dead: bool = True, drop_unread: bool = True,
+                       min_keep: float = 0.0) -> Dict[int, Tensor]:
     """``{group index: bool keep mask}`` for every prunable group: a channel is kept while any
     member's weights for it exceed ``threshold`` in magnitude (PruneTrain's channel union) and,
     with ``drop_unread`` (default), some consumer reads it: a channel whose every consumer slice
@@ -541,19 +542,26 @@ def channel_keep_masks(graph: ChannelGraph, model: Optional[nn.Module] = None, t
     (:func:`plan_group_removal`: a residual branch, a concatenated layer) — and so does every group
     that only fed it; the largest such set is taken greedily in graph order. Any other group
     keeps ``round_to`` channels (at least one): a stem, a head or the residual stream is never
-    emptied. ``remove_dead=False`` keeps ``round_to`` channels in every group (no branch removal)."""
+    emptied. ``remove_dead=False`` keeps ``round_to`` channels in every group (no branch removal).
+    ``min_keep`` in [0, 1] keeps at least that fraction of every group's channels (rounded up, then
+    to ``round_to``; the largest channels first): no layer is cut below it and, with ``min_keep >
+    0``, no branch dies (Torch-Pruning's ``max_pruning_ratio = 1 - min_keep``)."""
     model = graph.model if model is None else model
     if round_to < 1:
         raise ValueError(f"reconfigure: round_to must be >= 1, got {round_to}")
+    if not 0.0 <= min_keep <= 1.0:
+        raise ValueError(f"reconfigure: min_keep must be in [0, 1] (a fraction of each group's channels), "
+                         f"got {min_keep}")
     masks, empty = {}, []
     for g in graph.prunable_groups():
         mag = _channel_magnitude(graph, model, g)
         if drop_unread and g.of_kind(CONSUMER):
             mag = torch.minimum(mag, _channel_magnitude(graph, model, g, (CONSUMER,)))
         keep = mag > threshold
-        if not bool(keep.any()):
+        if not bool(keep.any()) and min_keep == 0.0:
             empty.append(g.index)
-        want = min(g.size, max(round_to, -(-int(keep.sum()) // round_to) * round_to))
+        floor = max(int(keep.sum()), math.ceil(min_keep * g.size - 1e-9))
+        want = min(g.size, max(round_to, -(-floor // round_to) * round_to))
         if int(keep.sum()) < want:
             order = torch.argsort(torch.where(keep, torch.full_like(mag, float("inf")), mag),
                                   descending=True, stable=True)

@@ -13,6 +13,9 @@ group-lasso regulariser (LPR rule, from the first step), the periodic in-process
                      blocks on an AVX-512 CPU; bench/bench_channel_rounding.py)
   ...                any "name=flags" given with --variant (e.g. "proximal=--proximal")
 
+and dense reference points with --dense-variant (e.g. "w0.75=--width 0.75": a uniformly narrower
+ResNet trained from scratch with the same recipe), first seed only.
+
 Per run: test accuracy after the last epoch, training FLOPs (sum over epochs of the training FLOPs
 per sample of the model trained that epoch x samples, torch.utils.flop_counter), the training
 wall-clock (every step, the group-lasso updates and the reconfigurations included) and the whole
@@ -25,7 +28,8 @@ The default regime (ResNet-20, all 60 000 images, batch 32, 8 epochs: 15 000 SGD
 with x0.1 at epochs 4 and 6) takes about 20 minutes a run on one CPU core.
 
     python bench/bench_prunetrain.py [--model resnet20] [--epochs 8] [--seeds 0 1 2]
-        [--variant plain=] [--variant "bn-scale=--bn-scale"] [--main NAME] [--runs-dir DIR]
+        [--variant plain=] [--variant "bn-scale=--bn-scale"] [--dense-variant "w0.75=--width 0.75"]
+        [--main NAME] [--runs-dir DIR]
         [--reuse] [--only NAME:SEED] [--device cpu|cuda] [--redraw JSON]
 """
 from __future__ import annotations
@@ -61,7 +65,7 @@ def run_argv(a, method: str, seed: int, flags: str, out: str) -> List[str]:
         argv += ["--" + k.replace("_", "-"), str(getattr(a, k))]
     if a.data_dir:
         argv += ["--data-dir", a.data_dir]
-    return argv + (shlex.split(flags) if method == "prunetrain" else [])
+    return argv + shlex.split(flags)
 
 
 def run(a, name: str, method: str, seed: int, flags: str) -> Dict[str, Any]:
@@ -125,14 +129,18 @@ def spread(values: List[float]) -> Dict[str, float]:
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def compare(a, variants: Dict[str, str]) -> Dict[str, Any]:
-    """Runs dense and the main variant at every seed, the other variants at the first seed."""
+def compare(a, variants: Dict[str, str], dense_variants: Dict[str, str]) -> Dict[str, Any]:
+    """Runs dense and the main variant at every seed, the other variants (PruneTrain levers, and
+    the dense reference points such as a uniformly narrower network) at the first seed."""
     seeds, main = a.seeds, a.main
     runs: Dict[str, Dict[int, Dict[str, Any]]] = {"dense": {}}
-    for name in [main] + [n for n in variants if n != main]:
+    todo = [(main, "prunetrain")] + [(n, "prunetrain") for n in variants if n != main] \
+        + [(n, "dense") for n in dense_variants]
+    for name, method in todo:
         runs[name] = {}
         for seed in (seeds if name == main else seeds[:1]):
-            runs[name][seed] = summary(run(a, name, "prunetrain", seed, variants[name]))
+            flags = variants[name] if method == "prunetrain" else dense_variants[name]
+            runs[name][seed] = summary(run(a, name, method, seed, flags))
             if seed not in runs["dense"]:
                 runs["dense"][seed] = summary(run(a, "dense", "dense", seed, ""))
     per_seed = {name: {s: ratios(runs["dense"][s], r) for s, r in rs.items()}
@@ -187,6 +195,9 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=256, help="bound of the grown batch")
     ap.add_argument("--variant", action="append", default=None, metavar="NAME=FLAGS",
                     help=f"a PruneTrain variant (repeat; default: {', '.join(DEFAULT_VARIANTS)})")
+    ap.add_argument("--dense-variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="a dense reference run with extra flags, first seed (e.g. \"w0.75=--width 0.75\": "
+                    "a uniformly narrower network trained from scratch)")
     ap.add_argument("--main", default=None, help="the variant run with every seed and judged by the goals "
                     "(default: the last variant)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -207,21 +218,26 @@ def main() -> None:
         return
     variants = dict(v.split("=", 1) for v in (a.variant or DEFAULT_VARIANTS))
     a.main = a.main or list(variants)[-1]
+    dense_variants = dict(v.split("=", 1) for v in a.dense_variant)
     if a.main not in variants:
         ap.error(f"--main {a.main!r} is not one of the variants {list(variants)}")
+    if set(dense_variants) & (set(variants) | {"dense"}):
+        ap.error(f"--dense-variant names must differ from dense and the variants {list(variants)}")
     if a.only:
         name, _, seed = a.only.rpartition(":")
-        if name != "dense" and name not in variants or not seed.lstrip("-").isdigit():
-            ap.error(f"--only {a.only!r}: NAME:SEED with NAME dense or one of {list(variants)}")
-        run(a, name, "dense" if name == "dense" else "prunetrain", int(seed), variants.get(name, ""))
+        known = ["dense"] + list(variants) + list(dense_variants)
+        if name not in known or not seed.lstrip("-").isdigit():
+            ap.error(f"--only {a.only!r}: NAME:SEED with NAME one of {known}")
+        method = "prunetrain" if name in variants else "dense"
+        run(a, name, method, int(seed), variants.get(name, dense_variants.get(name, "")))
         return
     device = torch.device(a.device)
-    cmp = compare(a, variants)
+    cmp = compare(a, variants, dense_variants)
     dense0 = cmp["runs"]["dense"][str(a.seeds[0])]
     samples = round(dense0["train_flops_total"] / dense0["train_flops_per_sample_per_epoch"][0] / a.epochs)
     result = {"benchmark": "prunetrain", **bu.environment(device),
               "config": {k: v for k, v in vars(a).items() if k not in ("runs_dir", "out_dir", "quiet", "redraw", "reuse")},
-              "variants": variants,
+              "variants": variants, "dense_variants": dense_variants,
               "sizes": {"train_samples": samples, "image": "1x28x28", "dense_steps": dense0["steps"]},
               **cmp}
     path = bu.write_result(a.name, device, result, a.out_dir)

@@ -112,7 +112,8 @@ def test_bench_prunetrain_smoke(tmp_path):
     cmd = [sys.executable, os.path.join(root, "bench", "bench_prunetrain.py"), "--model", "resnet20",
            "--data", "synthetic", "--train-subset", "128", "--epochs", "2", "--batch-size", "32", "--width", "0.25",
            "--threshold", "1e9", "--precise-bn", "1", "--seeds", "0", "1", "--variant", "plain=",
-           "--variant", "prox=--proximal --bn-scale", "--quiet", "--out-dir", str(tmp_path),
+           "--variant", "prox=--proximal --bn-scale", "--dense-variant", "narrow=--width 0.125",
+           "--quiet", "--out-dir", str(tmp_path),
            "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -122,10 +123,15 @@ def test_bench_prunetrain_smoke(tmp_path):
     assert set(res["runs"]["dense"]) == set(res["runs"]["prox"]) == {"0", "1"} and set(res["runs"]["plain"]) == {"0"}
     assert res["ratios"]["prox"]["train_flops_saving"]["n"] == 2 and res["ratios"]["plain"]["accuracy_delta"]["n"] == 1
     assert res["ratios"]["plain"]["train_flops_saving"]["mean"] > 0
+    # the dense reference point: a narrower dense network, first seed, no PruneTrain flags
+    assert set(res["runs"]["narrow"]) == {"0"} and res["dense_variants"] == {"narrow": "--width 0.125"}
+    assert res["ratios"]["narrow"]["train_flops_saving"]["mean"] > 0.5
+    narrow = json.loads((tmp_path / "runs" / "narrow_seed0" / "report.json").read_text())["argv"]
+    assert "--width 0.125" in " ".join(narrow) and "--method dense" in " ".join(narrow) and "--lpr" not in narrow
     assert len(res["runs"]["dense"]["0"]["test_accuracy_per_epoch"]) == 2
     assert (tmp_path / "prunetrain_cpu.png").stat().st_size > 10_000
     again = subprocess.run(cmd + ["--reuse"], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stderr.count("reused") == 5, again.stderr[-2000:]
+    assert again.returncode == 0 and again.stderr.count("reused") == 6, again.stderr[-2000:]
     assert json.loads((tmp_path / "prunetrain_cpu.json").read_text())["runs"] == res["runs"]
     one = subprocess.run(cmd + ["--only", "prox:3"], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and (tmp_path / "runs" / "prox_seed3" / "report.json").exists()

@@ -3,7 +3,8 @@
 #                    run (pyoptim train, about 5 min on 2 CPU cores) compared with the stored dense
 #                    run of the same recipe; prints both, and where its report and picture are
 #   make demo-dense  the dense run of the demo's recipe, stored as the demo's reference
-#   make test        venv + pinned deps + build, then the whole test suite
+#   make test        venv + pinned deps + build, then the whole test suite; every Triton launch it
+#                    makes (interpreted) is then compiled for sm_90 without a GPU (aot_check)
 #   make cuda-check  compile every csrc/cuda/*.cu with nvcc (compile only; no GPU needed)
 #   make bench       the kernel benchmark scripts, results in bench/results/
 #   make bench-prunetrain  dense vs PruneTrain and its levers on Fashion-MNIST, 15 000 steps a run,
@@ -47,8 +48,12 @@ fashion-mnist:
 	  { $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; } || \
 	  { echo "could not install dataset-fashion-mnist: install it (apt-get, root) or set PYOPTIM_DATA"; exit 1; }
 
+LAUNCHES := $(CURDIR)/$(VENV)/triton_launches.json
+
 test: $(VENV)/.built
-	TRITON_INTERPRET=1 PYOPTIM_QUIET=1 $(VENV)/bin/pytest -q
+	rm -f $(LAUNCHES)
+	TRITON_INTERPRET=1 PYOPTIM_QUIET=1 PYOPTIM_TRITON_LAUNCHES=$(LAUNCHES) $(VENV)/bin/pytest -q
+	cd / && env -u TRITON_INTERPRET PYOPTIM_QUIET=1 $(CURDIR)/$(PY) -m pyoptim.triton_kernels.aot_check $(LAUNCHES)
 
 cuda-check: $(VENV)/.deps
 	PY=$(PY) bash tools/check_cuda_compile.sh

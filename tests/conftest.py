@@ -1,9 +1,17 @@
 """Test set-up. TRITON_INTERPRET must be set before any kernel module (or triton) is imported, so
 that every Triton kernel runs through the interpreter on CPU tensors on machines without a GPU.
-On a GPU machine, run with TRITON_INTERPRET=0 to test the compiled Triton kernels on the device."""
+It defaults to 1 only where no CUDA device is present: on a GPU machine the `cuda-triton` cases
+run the compiled kernels unless TRITON_INTERPRET=1 is set explicitly. With CUDA present TF32 is
+turned off: the fp32 tests compare against float64 at 1e-4, which TF32 convolutions would miss."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (imports no triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 os.environ.setdefault("PYOPTIM_QUIET", "1")
 
 import signal  # noqa: E402
@@ -12,7 +20,6 @@ import time  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from torch.utils._triton import has_triton_package  # noqa: E402
 
 import pyoptim  # noqa: E402
@@ -30,6 +37,20 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# PYOPTIM_TRITON_LAUNCHES=path: record every distinct Triton launch the run makes through the
+# interpreter, written to path at the end, for `python -m pyoptim.triton_kernels.aot_check path`
+# (compiles each for sm_90 without a GPU; `make test` does both)
+_LAUNCHES = os.environ.get("PYOPTIM_TRITON_LAUNCHES")
+if _LAUNCHES and INTERPRET and has_triton_package():
+    from pyoptim.triton_kernels import aot_check
+    aot_check.record_launches()
+else:
+    _LAUNCHES = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _LAUNCHES:
+        aot_check.save_launches(_LAUNCHES)
 
 
 def pytest_collection_modifyitems(config, items):

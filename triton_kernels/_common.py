@@ -26,11 +26,13 @@ def to_acc(x, IS_FP64: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc, IS_FP32: tl.constexpr):
-    """``acc += a @ b``: fp32 operands without tf32 (IEEE FMA), fp16/bf16 -> fp32, fp64 -> fp64."""
+    """``acc += a @ b``: fp32 operands without tf32 (IEEE FMA), fp16/bf16 -> fp32, fp64 -> fp64.
+    ``out_dtype`` follows the accumulator: tl.dot's default (fp32) does not compile against an fp64
+    accumulator (the interpreter does not check it)."""
     if IS_FP32:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     else:
-        return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -108,35 +108,37 @@ def _gl_finish_kernel(out_part_ptr, in_part_ptr, out_norm_ptr, in_norm_ptr,
                       BLOCK_RT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                       IS_FP64: tl.constexpr):
     pid = tl.program_id(0)
+    # the two branches name their values apart: a runtime `if` may not give one name two types
+    # (the accumulators differ in shape), which the compiler refuses and the interpreter allows
     if pid < n_out_progs:
         # out_norms[k] = sqrt(sum_t out_partial[k, t])
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < K
-        base = rows.to(tl.int64) * n_ct
-        acc = _to_acc(tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32), IS_FP64)
+        row_base = rows.to(tl.int64) * n_ct
+        acc_out = _to_acc(tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32), IS_FP64)
         for t0 in range(0, n_ct, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             m = rmask[:, None] & (t < n_ct)[None, :]
-            acc += tl.load(out_part_ptr + base[:, None] + t[None, :], mask=m, other=0.0)
-        tl.store(out_norm_ptr + rows, _sqrt(tl.sum(acc, axis=1), IS_FP64), mask=rmask)
+            acc_out += tl.load(out_part_ptr + row_base[:, None] + t[None, :], mask=m, other=0.0)
+        tl.store(out_norm_ptr + rows, _sqrt(tl.sum(acc_out, axis=1), IS_FP64), mask=rmask)
     else:
         # in_norms[g*Cg + j] = sqrt(sum_{rt, s} in_partial[g*n_rt + rt, j*S + s])
         ch = (pid - n_out_progs) * BLOCK_C + tl.arange(0, BLOCK_C)
         chmask = ch < C
         g = ch // Cg
         j = ch % Cg
-        base = (g * n_rt).to(tl.int64) * N + j * S  # [BLOCK_C]
-        acc = _to_acc(tl.zeros([BLOCK_RT, BLOCK_C, BLOCK_S], dtype=tl.float32), IS_FP64)
+        ch_base = (g * n_rt).to(tl.int64) * N + j * S  # [BLOCK_C]
+        acc_in = _to_acc(tl.zeros([BLOCK_RT, BLOCK_C, BLOCK_S], dtype=tl.float32), IS_FP64)
         for r0 in range(0, n_rt, BLOCK_RT):
             r = r0 + tl.arange(0, BLOCK_RT)
             roff = r.to(tl.int64) * N
             rm = r < n_rt
             for s0 in range(0, S, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
-                offs = roff[:, None, None] + base[None, :, None] + s[None, None, :]
+                offs = roff[:, None, None] + ch_base[None, :, None] + s[None, None, :]
                 m = rm[:, None, None] & chmask[None, :, None] & (s < S)[None, None, :]
-                acc += tl.load(in_part_ptr + offs, mask=m, other=0.0)
-        tot = tl.sum(tl.sum(acc, axis=2), axis=0)
+                acc_in += tl.load(in_part_ptr + offs, mask=m, other=0.0)
+        tot = tl.sum(tl.sum(acc_in, axis=2), axis=0)
         tl.store(in_norm_ptr + ch, _sqrt(tot, IS_FP64), mask=chmask)
 
 

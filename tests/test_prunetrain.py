@@ -415,6 +415,41 @@ def test_min_keep_keeps_a_fraction_of_every_layer_and_every_branch(min_keep, rou
         channel_keep_masks(graph, model, min_keep=1.5)
 
 
+@pytest.mark.parametrize("zero_kept", [False, True])
+def test_kept_channels_keep_their_weights_unless_zero_kept(zero_kept):
+    """Channels the rounding keeps after their group fell under the threshold: by default they keep
+    their weights (and train on); with zero_kept (PruneTrain's plain rule) their out-group stays
+    zeroed, and such a channel gets no gradient again (BN sees a constant 0)."""
+    trainer, plugin, data = _setup(interval=100, threshold=0.0, round_to=8, grow_batch=False,
+                                   bn_scale=True, zero_kept=zero_kept)
+    trainer.fit(max_steps=2)
+    blk = trainer.model.stages[0][0]
+    with torch.no_grad():                   # 12 of 16 inner channels under the threshold, by size
+        scale = torch.cat([1e-6 * 2.0 ** torch.arange(12), torch.ones(4)])   # a clear order
+        blk.conv1.weight.mul_(scale.view(-1, 1, 1, 1))
+        blk.bn1.weight.mul_(scale)
+        blk.conv2.weight.mul_(scale.view(1, -1, 1, 1))   # their readers too: nothing keeps them
+    before_w, before_g = blk.conv1.weight.detach().clone(), blk.bn1.weight.detach().clone()
+    plugin.threshold = 0.05
+    plugin.reconfigure(trainer)
+    blk = trainer.model.stages[0][0]
+    assert blk.conv1.out_channels == 8                     # 4 over the threshold, rounded up to 8
+    kept = [8, 9, 10, 11, 12, 13, 14, 15]                  # the 4 largest under it came back
+    if zero_kept:
+        assert blk.conv1.weight[:4].abs().sum() == 0 and blk.bn1.weight[:4].abs().sum() == 0
+        x, y = next(iter(data))
+        trainer.model.zero_grad()
+        F.cross_entropy(trainer.model(x), y).backward()
+        assert blk.conv1.weight.grad[:4].abs().sum() == 0 and blk.bn1.weight.grad[:4].abs().sum() == 0
+    else:
+        torch.testing.assert_close(blk.conv1.weight, before_w[kept])
+        torch.testing.assert_close(blk.bn1.weight, before_g[kept])
+        x, y = next(iter(data))
+        trainer.model.zero_grad()
+        F.cross_entropy(trainer.model(x), y).backward()
+        assert (blk.bn1.weight.grad[:4].abs() > 0).all()
+
+
 def test_restore_norms_rescales_to_the_starting_rms_and_keeps_the_function():
     trainer, plugin, data = _setup(interval=100, lasso_epochs=1, restore_norms=True, grow_batch=False)
     trainer.fit(max_epochs=1)                    # the lasso phase ends here: norms restored

@@ -154,6 +154,10 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--min-keep", type=number(float, 0, 1), default=0.0, metavar="F",
                    help="PruneTrain: every layer keeps at least this fraction of its channels (no residual "
                    "branch is removed when F > 0)")
+    t.add_argument("--zero-kept", action="store_true",
+                   help="PruneTrain's plain zeroing: groups under --threshold are zeroed in the channels that stay "
+                   "too (a kept channel whose out-group was zeroed is then a constant for good); default: only "
+                   "removed channels lose their weights")
     t.add_argument("--restore-norms", action="store_true", help="PruneTrain, with --lasso-epochs: at the end of "
                    "the lasso phase rescale each conv a BN reads to its starting RMS (same function, dense-like "
                    "effective learning rate)")

@@ -173,7 +173,8 @@ def _plugins(args, clock, knobs, augment_until):
                            bn_scale_only=getattr(args, "bn_scale_only", False),
                            restore_norms=getattr(args, "restore_norms", False),
                            lasso_steps=getattr(args, "lasso_steps", 0) or None,
-                           min_keep=getattr(args, "min_keep", 0.0))
+                           min_keep=getattr(args, "min_keep", 0.0),
+                           zero_kept=getattr(args, "zero_kept", False))
     return budget, prune
 
 

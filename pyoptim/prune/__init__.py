@@ -3,8 +3,9 @@ from .channel_graph import ChannelGraph, ChannelGroup, ChannelMember
 from .fuse import FusedConvBN, FusedModel, fuse_blocks
 from .group_lasso import GroupLasso, following_batchnorms, group_lasso_penalty, group_lasso_targets
 from .prunetrain import PruneTrain
-from .reconfigure import GroupRemoval, ReconfigureReport, channel_keep_masks, plan_group_removal, reconfigure
+from .reconfigure import (GroupRemoval, ReconfigureReport, channel_keep_masks, channel_magnitudes,
+                          plan_group_removal, reconfigure)
 
 __all__ = ["ChannelGraph", "ChannelGroup", "ChannelMember", "FusedConvBN", "FusedModel", "fuse_blocks",
            "GroupLasso", "following_batchnorms", "group_lasso_penalty", "group_lasso_targets", "GroupRemoval", "PruneTrain", "ReconfigureReport",
-           "channel_keep_masks", "plan_group_removal", "reconfigure"]
+           "channel_keep_masks", "channel_magnitudes", "plan_group_removal", "reconfigure"]

@@ -286,6 +286,22 @@ class GroupLasso:
             w.copy_(ops.group_lasso_norms_backward(torch.zeros_like(o), i * keep_in, wc, o, i, g))
 
     @torch.no_grad()
+    @torch.no_grad()
+    def snapshot(self) -> List[Tensor]:
+        """Copies of every tensor :meth:`prune_` may write (the regularised weights, then the BN
+        scales), for :meth:`restore`."""
+        return [w.detach().clone() for _, w, _ in self.targets] + \
+            [g.detach().clone() for g in self.scales.values()]
+
+    @torch.no_grad()
+    def restore(self, saved: List[Tensor]) -> None:
+        """Writes a :meth:`snapshot` back (same targets, same shapes)."""
+        live = [w for _, w, _ in self.targets] + list(self.scales.values())
+        if len(live) != len(saved) or any(a.shape != b.shape for a, b in zip(live, saved)):
+            raise ValueError("GroupLasso.restore: the snapshot is of other tensors (the model changed since)")
+        for dst, src in zip(live, saved):
+            dst.copy_(src)
+
     def prune_(self, threshold: float) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Zeroes every channel group of the regularised weights whose norm is below
         ``threshold`` (an out-channel group with its BN scale under ``bn_scale``: the scale is

@@ -26,7 +26,7 @@ from ..train.plugin import Plugin
 from .channel_graph import ChannelGraph
 from .fuse import FusedModel, fuse_blocks
 from .group_lasso import GroupLasso, following_batchnorms
-from .reconfigure import channel_keep_masks, reconfigure
+from .reconfigure import channel_keep_masks, channel_magnitudes, reconfigure
 
 __all__ = ["PruneTrain"]
 
@@ -108,6 +108,12 @@ class PruneTrain(Plugin):
         lasso_steps: like ``lasso_epochs``, in optimizer steps: the group lasso and the
             reconfigurations stop after this many steps (a last reconfiguration then), for a
             penalty shorter than an epoch. At most one of the two.
+        zero_kept: PruneTrain's plain zeroing: every group under ``threshold`` is zeroed, also in
+            the channels that stay (kept by the channel union, ``round_to`` or ``min_keep``). Such a
+            channel whose out-group (conv rows, and BN scale with ``bn_scale``) was zeroed stays a
+            constant for the rest of training: its BN input is 0, so its weight and scale get no
+            gradient again. Default ``False``: the threshold decides what is removed, and only
+            the removed channels lose their weights.
         timing: measure the time of the group-lasso updates and of the reconfigurations
             (``time_s``). The group-lasso updates are timed with CUDA events on a GPU, read once
             per epoch (no device sync per step); a reconfiguration synchronises the device around
@@ -123,7 +129,7 @@ class PruneTrain(Plugin):
                  drop_unread: bool = True, bn_scale: bool = False, proximal: bool = False,
                  lasso_epochs: Optional[int] = None, bn_scale_only: bool = False,
                  restore_norms: bool = False, min_keep: float = 0.0,
-                 lasso_steps: Optional[int] = None):
+                 lasso_steps: Optional[int] = None, zero_kept: bool = False):
         if interval < 1:
             raise ValueError(f"PruneTrain: interval must be >= 1, got {interval}")
         if interval_unit not in ("epoch", "step"):
@@ -171,6 +177,7 @@ class PruneTrain(Plugin):
         self.lasso_epochs = None if lasso_epochs is None else int(lasso_epochs)
         self.lasso_steps = None if lasso_steps is None else int(lasso_steps)
         self.min_keep = float(min_keep)
+        self.zero_kept = bool(zero_kept)
         self.lasso_end_step: Optional[int] = None   # the step the lasso phase ended at
         self._end_reported = False
         self.active = True   # False once the lasso phase has run: no penalty, no reconfiguration
@@ -305,10 +312,19 @@ class PruneTrain(Plugin):
         model = self._base(trainer.model)
         x = trainer.last_input
         example = x[: min(2, x.shape[0])] if x.shape[0] >= 2 else x
-        self.gl.prune_(self.threshold)
         graph = ChannelGraph(model, example)
+        # rank the channels the rounding and min_keep may add back by their size before zeroing
+        # (after it, every channel under the threshold is an exact zero: no order left)
+        rank = channel_magnitudes(graph, model, self.drop_unread)
+        saved = None if self.zero_kept else self.gl.snapshot()
+        self.gl.prune_(self.threshold)
         masks = channel_keep_masks(graph, model, 0.0, self.round_to, drop_unread=self.drop_unread,
-                                   min_keep=self.min_keep)
+                                   min_keep=self.min_keep, rank=rank)
+        if saved is not None:
+            # zeroing decided what goes; what stays keeps its weights. A kept channel whose
+            # out-group (conv rows + BN scale) stayed zeroed would be a constant for good: with a
+            # zero weight and scale, BN's normalised input is 0, so neither gets a gradient again
+            self.gl.restore(saved)
         if dist_on():  # decide once: the union of every rank's keep-sets (identical under DDP anyway)
             for k in sorted(masks):
                 m = masks[k].to(device=x.device, dtype=torch.uint8)

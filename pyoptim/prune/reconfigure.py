@@ -41,7 +41,7 @@ from ..ops.channel_compact import channel_compact
 from .channel_graph import (_CAT_FUNCTIONS, _CONVS, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS,
                             CHANNELWISE, CONSUMER, ChannelGraph, ChannelGroup, _describe)
 
-__all__ = ["reconfigure", "channel_keep_masks", "plan_group_removal", "GroupRemoval",
+__all__ = ["reconfigure", "channel_keep_masks", "channel_magnitudes", "plan_group_removal", "GroupRemoval",
            "ReconfigureReport"]
 
 
@@ -527,9 +527,24 @@ def _channel_magnitude(graph: ChannelGraph, model: nn.Module, group: ChannelGrou
     return mag
 
 
+def channel_magnitudes(graph: ChannelGraph, model: Optional[nn.Module] = None,
+                       drop_unread: bool = True) -> Dict[int, Tensor]:
+    """``{group index: float64 [size]}``: each prunable group's channel magnitudes as
+    :func:`channel_keep_masks` sees them (largest |weight| over the conv/linear and depthwise
+    members; with ``drop_unread``, at most the largest over its consumers)."""
+    model = graph.model if model is None else model
+    out = {}
+    for g in graph.prunable_groups():
+        mag = _channel_magnitude(graph, model, g)
+        if drop_unread and g.of_kind(CONSUMER):
+            mag = torch.minimum(mag, _channel_magnitude(graph, model, g, (CONSUMER,)))
+        out[g.index] = mag
+    return out
+
+
 def channel_keep_masks(graph: ChannelGraph, model: Optional[nn.Module] = None, threshold: float = 0.0,
                        round_to: int = 1, remove_dead: bool = True, drop_unread: bool = True,
-                       min_keep: float = 0.0) -> Dict[int, Tensor]:
+                       min_keep: float = 0.0, rank: Optional[Dict[int, Tensor]] = None) -> Dict[int, Tensor]:
     """``{group index: bool keep mask}`` for every prunable group: a channel is kept while any
     member's weights for it exceed ``threshold`` in magnitude (PruneTrain's channel union) and,
     with ``drop_unread`` (default), some consumer reads it: a channel whose every consumer slice
@@ -553,17 +568,17 @@ def channel_keep_masks(graph: ChannelGraph, model: Optional[nn.Module] = None, t
         raise ValueError(f"reconfigure: min_keep must be in [0, 1] (a fraction of each group's channels), "
                          f"got {min_keep}")
     masks, empty = {}, []
+    mags = channel_magnitudes(graph, model, drop_unread)
     for g in graph.prunable_groups():
-        mag = _channel_magnitude(graph, model, g)
-        if drop_unread and g.of_kind(CONSUMER):
-            mag = torch.minimum(mag, _channel_magnitude(graph, model, g, (CONSUMER,)))
+        mag = mags[g.index]
         keep = mag > threshold
         if not bool(keep.any()) and min_keep == 0.0:
             empty.append(g.index)
         floor = max(int(keep.sum()), math.ceil(min_keep * g.size - 1e-9))
         want = min(g.size, max(round_to, -(-floor // round_to) * round_to))
         if int(keep.sum()) < want:
-            order = torch.argsort(torch.where(keep, torch.full_like(mag, float("inf")), mag),
+            by = mag if rank is None else rank[g.index].to(mag.dtype)
+            order = torch.argsort(torch.where(keep, torch.full_like(by, float("inf")), by),
                                   descending=True, stable=True)
             keep[order[:want]] = True
         masks[g.index] = keep

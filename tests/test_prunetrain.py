@@ -448,6 +448,27 @@ def test_kept_channels_keep_their_weights_unless_zero_kept(zero_kept):
         trainer.model.zero_grad()
         F.cross_entropy(trainer.model(x), y).backward()
         assert (blk.bn1.weight.grad[:4].abs() > 0).all()
+    assert isinstance(plugin.events[-1]["dead_channels"], int)
+
+
+def test_dead_channels_finds_a_constant_relu_and_leaves_the_statistics():
+    from pyoptim.prune import dead_channels
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.0, 0.0, 0.0, 1e-3]))
+        model[1].bias.copy_(torch.tensor([0.0, -0.5, 0.5, -1.0]))   # dead, constant>0, dead
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float32)
+    stats = [t.clone() for t in (model[1].running_mean, model[1].running_var)]
+    model.eval()
+    dead = dead_channels(model, x)
+    assert dead["1"].tolist() == [False, True, False, True] and set(dead) == {"1", "4"}
+    assert not model.training
+    torch.testing.assert_close(model[1].running_mean, stats[0])
+    torch.testing.assert_close(model[1].running_var, stats[1])
+    with pytest.raises(ValueError, match="x must be"):
+        dead_channels(model, torch.empty(0, 3, 6, 6))
 
 
 def test_restore_norms_rescales_to_the_starting_rms_and_keeps_the_function():

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from .._util import dist_on, synchronize
 from ..train.plugin import Plugin
 from .channel_graph import ChannelGraph
+from .dead import dead_channels
 from .fuse import FusedModel, fuse_blocks
 from .group_lasso import GroupLasso, following_batchnorms
 from .reconfigure import channel_keep_masks, channel_magnitudes, reconfigure
@@ -352,6 +353,8 @@ class PruneTrain(Plugin):
                  "params": [report.params_before, report.params_after],
                  "train_flops_per_sample": [before, after],
                  "branches_removed": getattr(report, "branches_removed", 0),
+                 # kept channels whose ReLU is zero on the whole last batch (a diagnostic)
+                 "dead_channels": int(sum(int(d.sum()) for d in dead_channels(self._base(new), example).values())),
                  "groups": [(g, b, a) for g, b, a in report.groups]}
         if self.grow_batch and self.batch_size0:
             new_bs = self._grown_batch(trainer)

@@ -354,7 +354,7 @@ class PruneTrain(Plugin):
                  "train_flops_per_sample": [before, after],
                  "branches_removed": getattr(report, "branches_removed", 0),
                  # kept channels whose ReLU is zero on the whole last batch (a diagnostic)
-                 "dead_channels": int(sum(int(d.sum()) for d in dead_channels(self._base(new), example).values())),
+                 "dead_channels": int(sum(int(d.sum()) for d in dead_channels(self._base(new), x).values())),
                  "groups": [(g, b, a) for g, b, a in report.groups]}
         if self.grow_batch and self.batch_size0:
             new_bs = self._grown_batch(trainer)

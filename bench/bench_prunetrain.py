@@ -198,6 +198,8 @@ def main() -> None:
     ap.add_argument("--dense-variant", action="append", default=[], metavar="NAME=FLAGS",
                     help="a dense reference run with extra flags, first seed (e.g. \"w0.75=--width 0.75\": "
                     "a uniformly narrower network trained from scratch)")
+    ap.add_argument("--note", action="append", default=[], metavar="NAME=TEXT",
+                    help="a remark on one run set, kept in the JSON's notes (e.g. the commit it was made at)")
     ap.add_argument("--main", default=None, help="the variant run with every seed and judged by the goals "
                     "(default: the last variant)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -236,8 +238,9 @@ def main() -> None:
     dense0 = cmp["runs"]["dense"][str(a.seeds[0])]
     samples = round(dense0["train_flops_total"] / dense0["train_flops_per_sample_per_epoch"][0] / a.epochs)
     result = {"benchmark": "prunetrain", **bu.environment(device),
-              "config": {k: v for k, v in vars(a).items() if k not in ("runs_dir", "out_dir", "quiet", "redraw", "reuse")},
+              "config": {k: v for k, v in vars(a).items() if k not in ("runs_dir", "out_dir", "quiet", "redraw", "reuse", "note")},
               "variants": variants, "dense_variants": dense_variants,
+              "notes": dict(n.split("=", 1) for n in a.note),
               "sizes": {"train_samples": samples, "image": "1x28x28", "dense_steps": dense0["steps"]},
               **cmp}
     path = bu.write_result(a.name, device, result, a.out_dir)

@@ -113,7 +113,7 @@ def test_bench_prunetrain_smoke(tmp_path):
            "--data", "synthetic", "--train-subset", "128", "--epochs", "2", "--batch-size", "32", "--width", "0.25",
            "--threshold", "1e9", "--precise-bn", "1", "--seeds", "0", "1", "--variant", "plain=",
            "--variant", "prox=--proximal --bn-scale", "--dense-variant", "narrow=--width 0.125",
-           "--quiet", "--out-dir", str(tmp_path),
+           "--note", "plain=made by the smoke test", "--quiet", "--out-dir", str(tmp_path),
            "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -125,6 +125,7 @@ def test_bench_prunetrain_smoke(tmp_path):
     assert res["ratios"]["plain"]["train_flops_saving"]["mean"] > 0
     # the dense reference point: a narrower dense network, first seed, no PruneTrain flags
     assert set(res["runs"]["narrow"]) == {"0"} and res["dense_variants"] == {"narrow": "--width 0.125"}
+    assert res["notes"] == {"plain": "made by the smoke test"}
     assert res["ratios"]["narrow"]["train_flops_saving"]["mean"] > 0.5
     narrow = json.loads((tmp_path / "runs" / "narrow_seed0" / "report.json").read_text())["argv"]
     assert "--width 0.125" in " ".join(narrow) and "--method dense" in " ".join(narrow) and "--lpr" not in narrow
@@ -277,3 +278,20 @@ def test_compare_to_a_dense_run_of_the_same_recipe(tmp_path, capsys, monkeypatch
             cli.main(base + ["--compare-to", bad])
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--compare-to" in err[0] and why in err[0], err
+
+
+def test_probe_lasso_threshold_smoke(tmp_path):
+    """bench/probe_lasso_threshold.py on synthetic data: a threshold above every group norm leaves
+    the --min-keep floor, one of 0 keeps everything (a smoke test)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "probe_lasso_threshold.py"), "--data",
+                           "synthetic", "--steps", "2", "--thresholds", "0,1000", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["step"] == 2 and row["flops_kept"]["0.0"] == 1.0
+    assert 0.25 < row["flops_kept"]["1000.0"] < 1.0      # the min-keep 0.5 floor with rounding to 16

@@ -1,14 +1,14 @@
 # pyoptim developer entry points. Every target is idempotent and sets itself up on a fresh machine.
 #   make demo        venv + pinned deps + build + Fashion-MNIST, then the main job: a short PruneTrain
-#                    run (pyoptim train, about 5 min on 2 CPU cores) compared with the stored dense
+#                    run (pyoptim train, about 3 min on 2 CPU cores) compared with the stored dense
 #                    run of the same recipe; prints both, and where its report and picture are
 #   make demo-dense  the dense run of the demo's recipe, stored as the demo's reference
 #   make test        venv + pinned deps + build, then the whole test suite; every Triton launch it
 #                    makes (interpreted) is then compiled for sm_90 without a GPU (aot_check)
 #   make cuda-check  compile every csrc/cuda/*.cu with nvcc (compile only; no GPU needed)
 #   make bench       the kernel benchmark scripts, results in bench/results/
-#   make bench-prunetrain  dense vs PruneTrain and its levers on Fashion-MNIST, 15 000 steps a run,
-#                          3 seeds (about 8 runs of 15-20 min on 2 CPU cores)
+#   make bench-prunetrain  dense vs PruneTrain (short lasso with a floor) on Fashion-MNIST, 15 000
+#                          steps a run, 3 seeds, and a uniform width 0.75 (7 runs of 9-14 min, one thread)
 #   make bench-budget      budgeted training on Fashion-MNIST, every knob at 1/2..1/20 of the full
 #                          run's time (about 40 min on 2 CPU cores)
 
@@ -27,15 +27,16 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_RECIPE ?= --model resnet20 --data fashion-mnist --epochs 8 --train-subset 20000 --batch-size 64 \
                --lr 0.1 --schedule step --precise-bn 20 --seed 0
 DEMO_DENSE  ?= bench/results/demo_dense_cpu.json
-DEMO_ARGS   ?= $(DEMO_RECIPE) --method prunetrain --lpr 0.65 --bn-scale --round-to 16 --threshold 0.05 \
-               --interval 100 --interval-unit step --max-batch-size 512 --out runs/demo --compare-to $(DEMO_DENSE)
+DEMO_ARGS   ?= $(DEMO_RECIPE) --method prunetrain --lpr 0.7 --bn-scale --round-to 16 --threshold 0.4 --min-keep 0.5 \
+               --lasso-steps 400 --interval 200 --interval-unit step --max-batch-size 512 --out runs/demo \
+               --compare-to $(DEMO_DENSE)
 
 .PHONY: demo demo-dense test cuda-check bench bench-prunetrain bench-budget install clean fashion-mnist
 
 demo: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 $(VENV)/bin/pyoptim train $(DEMO_ARGS)
 
-# the dense run of the demo's recipe, stored for the demo's comparison (about 5 min on 2 CPU cores)
+# the dense run of the demo's recipe, stored for the demo's comparison (about 3 min on 2 CPU cores)
 demo-dense: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 $(VENV)/bin/pyoptim train $(DEMO_RECIPE) --method dense --out runs/demo-dense
 	cp runs/demo-dense/report.json $(DEMO_DENSE)
@@ -63,8 +64,12 @@ bench: $(VENV)/.built
 	PYOPTIM_QUIET=1 $(PY) bench/bench_sparse_update.py
 	PYOPTIM_QUIET=1 $(PY) bench/bench_channel_union.py
 
+# the 3-seed result in docs/benchmarks.md: the short lasso with a floor against dense and a uniform width 0.75
+PRUNE_MAIN ?= --bn-scale --round-to 16 --interval 500 --interval-unit step --min-keep 0.5 --lpr 0.7 \
+              --lasso-steps 750 --threshold 0.4
 bench-prunetrain: $(VENV)/.built fashion-mnist
-	PYOPTIM_QUIET=1 $(PY) bench/bench_prunetrain.py
+	PYOPTIM_QUIET=1 OMP_NUM_THREADS=1 $(PY) bench/bench_prunetrain.py --seeds 0 1 2 --main b750 \
+	  --variant "b750=$(PRUNE_MAIN)" --dense-variant "w0.75=--width 0.75" --name prunetrain_resnet20_15k_shortlasso
 
 bench-budget: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 $(PY) bench/bench_budget.py

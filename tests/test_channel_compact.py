@@ -1,4 +1,6 @@
 """channel_compact against index_select, for every backend."""
+import os
+
 import pytest
 import torch
 
@@ -62,3 +64,19 @@ def test_bad_input_names_the_argument(backend, case):
     fn, pattern = {n: (f, p) for n, f, p in bad(device)}[case]
     with pytest.raises(RuntimeError, match=pattern):
         fn()
+
+
+def test_triton_kernel_guards_an_index_out_of_range():
+    """The Triton kernel itself, below the op's host checks (which a CUDA index skips, to avoid a
+    sync): an index out of range is never read (its row comes out zero) and trips
+    tl.device_assert where Triton's device asserts are compiled in (debug)."""
+    from torch.utils._triton import has_triton_package
+    if not has_triton_package() or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("runs the Triton kernel through the interpreter")
+    from pyoptim.triton_kernels.channel_compact import channel_compact as triton_compact
+    t = torch.randn(4, 3, dtype=torch.float64) + 10.0
+    out = triton_compact([t], [0], [torch.tensor([3, 0])])[0]
+    assert torch.equal(out, t[[3, 0]])
+    for bad_index in (4, -1, 1 << 40):
+        out = triton_compact([t], [0], [torch.tensor([2, bad_index])])[0]
+        assert torch.equal(out[0], t[2]) and torch.equal(out[1], torch.zeros(3, dtype=t.dtype))

@@ -50,11 +50,16 @@ def _cc_gather_kernel(src_ptr, dst_ptr, idx_ptr, K, SIZE, INNER, n_rows, n_ct,
     o = rows // K
     j = rows % K
     kept = tl.load(idx_ptr + j, mask=rmask, other=0)  # int64 source index along dim
+    # the host checks the range only for CPU indices (a device check would sync): an index out of
+    # range is never read (its row is left zero) and trips the assert where Triton compiles device
+    # asserts in (debug builds), as the CUDA kernel's CUDA_KERNEL_ASSERT guards the same read
+    ok = (kept >= 0) & (kept < SIZE)
+    tl.device_assert(ok | ~rmask, "channel_compact: an index is out of range")
     src_row = o * SIZE + kept
     mask = rmask[:, None] & cmask[None, :]
     src_offs = src_row[:, None] * INNER + cols[None, :]
     dst_offs = rows[:, None] * INNER + cols[None, :]
-    x = tl.load(src_ptr + src_offs, mask=mask)
+    x = tl.load(src_ptr + src_offs, mask=mask & ok[:, None], other=0)
     tl.store(dst_ptr + dst_offs, x, mask=mask)
 
 

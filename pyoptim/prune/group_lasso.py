@@ -286,7 +286,6 @@ class GroupLasso:
             w.copy_(ops.group_lasso_norms_backward(torch.zeros_like(o), i * keep_in, wc, o, i, g))
 
     @torch.no_grad()
-    @torch.no_grad()
     def snapshot(self) -> List[Tensor]:
         """Copies of every tensor :meth:`prune_` may write (the regularised weights, then the BN
         scales), for :meth:`restore`."""
@@ -302,6 +301,7 @@ class GroupLasso:
         for dst, src in zip(live, saved):
             dst.copy_(src)
 
+    @torch.no_grad()
     def prune_(self, threshold: float) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Zeroes every channel group of the regularised weights whose norm is below
         ``threshold`` (an out-channel group with its BN scale under ``bn_scale``: the scale is

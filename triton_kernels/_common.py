@@ -27,8 +27,8 @@ def to_acc(x, IS_FP64: tl.constexpr):
 @triton.jit
 def mma(a, b, acc, IS_FP32: tl.constexpr):
     """``acc += a @ b``: fp32 operands without tf32 (IEEE FMA), fp16/bf16 -> fp32, fp64 -> fp64.
-    ``out_dtype`` follows the accumulator: tl.dot's default (fp32) does not compile against an fp64
-    accumulator (the interpreter does not check it)."""
+    ``out_dtype`` follows the accumulator: tl.dot's default is fp32, and fp64 tl.dot failed against
+    its fp64 accumulator on the GPU's Triton 3.6 (Triton 3.8 here compiles either form)."""
     if IS_FP32:
         return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     else:

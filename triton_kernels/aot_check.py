@@ -3,8 +3,8 @@ through the interpreter are recorded, then each distinct one is compiled ahead o
 for an NVIDIA target (sm_90 by default) with Triton's own compiler and ptxas.
 
 Why: ``TRITON_INTERPRET=1`` runs a kernel's Python on CPU tensors and accepts code the compiler
-refuses -- a runtime ``if`` whose branches give one name two types (two accumulator shapes), a
-``tl.dot`` whose fp32 default ``out_dtype`` does not match an fp64 accumulator. The interpreter
+refuses -- e.g. a runtime ``if`` whose branches give one name two types (two accumulator shapes:
+the group-lasso finish kernel did, and only this check caught it on CPU). The interpreter
 proves the arithmetic; this proves that what it ran also compiles, with the same argument types,
 constexprs and ``num_warps`` as the launch. It proves nothing about a device's behaviour.
 

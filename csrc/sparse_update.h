@@ -107,7 +107,9 @@ inline std::tuple<at::Tensor, at::Tensor> sparse_conv2d_weight_grad(
   const at::Tensor w_shape = at::empty(weight_shape, opts);
   const std::optional<at::IntArrayRef> bias_sizes =
       bias_grad ? std::optional<at::IntArrayRef>(weight_shape.slice(0, 1)) : std::nullopt;
-  auto res = at::convolution_backward(grad_out.contiguous(), x.contiguous(), w_shape,
+  // both in x's memory format (channels_last stays channels_last: no NCHW copy of either)
+  const auto fmt = x.suggest_memory_format();
+  auto res = at::convolution_backward(grad_out.contiguous(fmt), x.contiguous(fmt), w_shape,
                                       bias_sizes, stride, padding, dilation, /*transposed=*/false,
                                       /*output_padding=*/{0, 0}, groups, {false, true, bias_grad});
   at::Tensor gb = bias_grad ? std::get<2>(res) : at::empty({0}, opts);

@@ -93,6 +93,36 @@ def test_conv_saves_only_the_input_prefix(backend, n, groups, k):
         assert acts[0].untyped_storage().nbytes() == n * k * 5 * 5 * 8  # not a view of x
 
 
+@pytest.mark.parametrize("case", [CONVS[1], CONVS[4], CONVS[6], CONVS[3]], ids=["3x3", "dw", "grouped", "all"])
+def test_conv_keeps_channels_last(backend, case):
+    """A channels_last input stays channels_last: the saved slice is a compact channels_last
+    copy (x itself when every channel trains), nothing is copied to NCHW for the backward, and
+    the gradients equal dense autograd's."""
+    device, _ = backend
+    xs, ws, stride, padding, dilation, groups, k = case
+    x = rand(xs, 21, device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = rand(ws, 22, device)
+    b = rand((ws[0],), 23, device).requires_grad_(True)
+    wt, wf = split(w, k, groups)
+    wt.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = pyoptim.ops.sparse_conv2d(x, wt, wf, b, stride, padding, dilation, groups)
+    acts = [t for t in saved if t.dim() == 4 and t.shape[0] == xs[0] and t.shape[2:] == xs[2:]]
+    assert len(acts) == 1 and acts[0].is_contiguous(memory_format=torch.channels_last)
+    if acts[0].shape[1] == xs[1]:
+        assert acts[0].data_ptr() == x.data_ptr()                       # x itself, no copy
+    g = rand(y.shape, 24, device).contiguous(memory_format=torch.channels_last)
+    y.backward(g)
+    xr = x.detach().contiguous().requires_grad_(True)
+    wr, br = w.clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    F.conv2d(xr, wr, br, stride, padding, dilation, groups).backward(g.contiguous())
+    tol = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    torch.testing.assert_close(wt.grad, wr.grad.narrow(ref.split_dim(groups), 0, k), **tol)
+    torch.testing.assert_close(b.grad, br.grad, **tol)
+
+
 @pytest.mark.parametrize("shape", [(1, 7), (3, 7), (1, 1, 7), (2, 3, 7)], ids=str)
 @pytest.mark.parametrize("k", [3, 7])
 def test_linear_saves_only_the_input_prefix(backend, shape, k):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from .._util import pair
+from .._util import memory_format, pair
 from ._checks import check_float as _check_float
 from ._checks import check_pair as _check_pair
 from ._checks import check_same as _check_same
@@ -161,7 +161,9 @@ def _py_conv_wgrad(impl):
             if x.device.type == "cpu" and not _backend.triton_interpreted():
                 raise RuntimeError("sparse_conv2d_weight_grad: the Triton kernels take CPU tensors "
                                    "only under TRITON_INTERPRET=1")
-            gw, gb = _triton_module().conv2d_weight_grad(g.contiguous(), x.contiguous(), list(weight_shape),
+            fmt = memory_format(x)          # the kernels take any strides: no NCHW copy
+            gw, gb = _triton_module().conv2d_weight_grad(g.contiguous(memory_format=fmt),
+                                                         x.contiguous(memory_format=fmt), list(weight_shape),
                                                          list(stride), list(padding), list(dilation),
                                                          groups, bias_grad)
             return gw, _empty_if_none(gb, x)
@@ -210,15 +212,17 @@ def conv_input_prefix(x: Tensor, weight_train: Tensor, weight_frozen: Tensor, gr
     alive, and ``.contiguous()`` alone returns the view whenever the slice happens to be
     contiguous (batch 1). For ``k == C`` it is ``x`` itself (a copy only when ``x`` is not
     contiguous), which costs nothing when ``x`` is kept for another backward anyway; this is what
-    :func:`pyoptim.sparse.memory_estimate` assumes."""
+    :func:`pyoptim.sparse.memory_estimate` assumes. Either way in ``x``'s memory format: a
+    channels_last ``x`` gives a channels_last slice, which the weight gradient reads as it is."""
+    fmt = memory_format(x)
     if groups == 1:
         k = weight_train.shape[1]
     else:
         per_group = (weight_train.shape[0] + weight_frozen.shape[0]) // groups
         k = (weight_train.shape[0] // per_group) * weight_train.shape[1]
     if k == x.shape[1]:
-        return x.contiguous()
-    return x[:, :k].clone(memory_format=torch.contiguous_format)
+        return x.contiguous(memory_format=fmt)
+    return x[:, :k].clone(memory_format=fmt)
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -237,7 +241,8 @@ def _conv_backward(ctx, grad_out):
     stride, padding, dilation, groups = ctx.conf
     saved = ctx.saved_tensors
     wt, wf = saved[0], saved[1]
-    g = grad_out.contiguous()
+    fmt = memory_format(grad_out)               # kept: channels_last stays so
+    g = grad_out.contiguous(memory_format=fmt)
     dx = dwt = db = None
     bias_needed = len(ctx.needs_input_grad) > 3 and bool(ctx.needs_input_grad[3])
     if ctx.needs_input_grad[0]:
@@ -252,7 +257,7 @@ def _conv_backward(ctx, grad_out):
         else:
             per_group = (wt.shape[0] + wf.shape[0]) // groups
             k = wt.shape[0]
-            dwt, _ = wgrad(g[:, :k].contiguous(), xs, list(wt.shape), stride, padding, dilation,
+            dwt, _ = wgrad(g[:, :k].contiguous(memory_format=fmt), xs, list(wt.shape), stride, padding, dilation,
                            k // per_group, False)
             db = g.sum((0, 2, 3)) if bias_needed else None
     elif bias_needed:

@@ -6,6 +6,7 @@
     pyoptim report RUN_DIR
     pyoptim train --method sparse --init CKPT --task few_shot (--scheme S.json | --memory-budget 1MB)
     pyoptim search-scheme --init CKPT --task few_shot --memory-budget 1MB --tables T.json --out DIR
+    pyoptim plan --nodes nodes.json --curves curves.json --target-loss 0.45 --deadline 10m
 
 ``train`` runs the Trainer (dense or with the PruneTrain plug-in) with a progress line (epoch,
 loss, accuracy, channels left, training FLOPs per sample, samples/s, ETA) and writes to the run
@@ -17,7 +18,8 @@ within the budget) and the picture shows accuracy and learning rate against seco
 runs one budgeted run per budget (and per knob set) and draws accuracy against budget.
 ``report`` redraws the picture from ``report.json``. ``train --method sparse`` fine-tunes a
 pretrained model with a sparse update scheme (:mod:`.sparse`); ``search-scheme`` searches one for
-a memory budget (:mod:`.search_scheme`).
+a memory budget (:mod:`.search_scheme`); ``plan`` plans PACT's pruning levels and node subsets
+per round (:mod:`.plan`).
 
 One module per command (:mod:`.train`, :mod:`.sweep`, :mod:`.report`), each with ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> exit code``; :data:`COMMANDS` lists them in the order
@@ -37,7 +39,8 @@ __all__ = ["main", "build_parser", "run_training", "build_run", "Run", "DataErro
            "denormals_flush_to_zero"]
 
 #: subcommand name -> module (in pyoptim.cli) with HELP, add_arguments(parser) and run(args)
-COMMANDS = {"train": ".train", "sweep": ".sweep", "report": ".report", "search-scheme": ".search_scheme"}
+COMMANDS = {"train": ".train", "sweep": ".sweep", "report": ".report", "search-scheme": ".search_scheme",
+            "plan": ".plan"}
 
 
 def build_parser() -> Parser:

@@ -48,6 +48,18 @@ def number(kind: type, low: Optional[float] = None, high: Optional[float] = None
     return parse
 
 
+def comma_list(kind: type, text: str, what: str) -> list:
+    """``"1,0.5"`` -> ``[1.0, 0.5]`` (``kind`` each), or ``argparse.ArgumentTypeError`` naming
+    ``what`` the items must be; empty items are skipped, an empty list is refused."""
+    try:
+        items = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma list of {what}, got {text!r}") from None
+    if not items:
+        raise argparse.ArgumentTypeError(f"must name at least one of {what}")
+    return items
+
+
 def device_arg(text: str) -> str:
     """``--device``: ``auto`` or a torch device string (``cpu``, ``cuda``, ``cuda:1``...)."""
     if text == "auto":

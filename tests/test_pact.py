@@ -1,0 +1,256 @@
+"""pyoptim.pact: the problem model, the DP over the time-expanded graph against the exact optimum
+(and the exact optimum against a plain enumeration), the baselines, and bad input."""
+import itertools
+import json
+import math
+import random
+
+import pytest
+
+from pyoptim.pact import (InfeasibleError, Instance, Level, LossCurve, Node, Plan, candidate_subsets,
+                          exact_optimum, greedy, no_pruning, prune_once, random_plan, round_cost,
+                          simulate, solve_adp)
+from pyoptim.pact.instances import random_instance
+
+
+def test_loss_curve_inverse_and_monotone():
+    c = LossCurve(scale=3.0, power=0.4, floor=0.2, offset=50.0)
+    for x in (0.0, 10.0, 1234.5, 1e6):
+        assert c.samples_to(c.at(x)) == pytest.approx(x, rel=1e-9, abs=1e-6)
+    assert c.advance(c.at(100.0), 50.0) == pytest.approx(c.at(150.0), rel=1e-12)
+    assert c.advance(0.2, 1e9) == 0.2 and c.advance(0.1, 10.0) == 0.1        # at / under the floor
+    assert c.advance(10.0, 0.0) <= 10.0                                        # above the start
+    rng = random.Random(0)
+    for _ in range(100):                # from a lower loss, a lower loss after the same samples
+        a, b = sorted(rng.uniform(0.21, 2.0) for _ in range(2))
+        s = rng.uniform(0, 1e4)
+        assert c.advance(a, s) <= c.advance(b, s)
+
+
+def test_round_cost_by_hand():
+    nodes = (Node("a", flops=2e9, power=10.0, samples=500, bandwidth=1e6, latency=0.1, comm_power=2.0),
+             Node("b", flops=1e9, power=4.0, samples=80, bandwidth=2e6, latency=0.0, comm_power=1.0))
+    lv = Level("dense", flops_per_sample=1e7, model_bytes=4e5)
+    inst = Instance(nodes, (lv,), (LossCurve(1.0, 0.5, 0.1),), 3, 100, 2.0, 1.0, 100.0, aggregation=0.5)
+    samples, secs, joules = round_cost(inst, (0, 1), 0)
+    # a: 100 samples (capped by samples_per_round), b: 80 (its local data)
+    ta, ca = 100 * 1e7 / 2e9, 2 * (0.1 + 4e5 / 1e6)
+    tb, cb = 80 * 1e7 / 1e9, 2 * (0.0 + 4e5 / 2e6)
+    assert samples == 180
+    assert secs == pytest.approx(max(ta + ca, tb + cb) + 0.5)
+    assert joules == pytest.approx(10 * ta + 2 * ca + 4 * tb + 1 * cb)
+
+
+def _enumerate(inst):
+    """Every plan of every length, no pruning at all: the reference of the exhaustive search."""
+    n, nl = len(inst.nodes), len(inst.levels)
+    subs = [c for k in range(1, n + 1) for c in itertools.combinations(range(n), k)]
+    best = math.inf
+    for length in range(1, inst.rounds + 1):
+        for moves in itertools.product(subs, repeat=length):
+            for levels in itertools.combinations_with_replacement(range(nl), length):
+                out = simulate(inst, Plan(list(zip(moves, levels))))
+                if out.feasible:
+                    best = min(best, out.energy)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_optimum_equals_plain_enumeration(seed):
+    inst = random_instance(100 + seed, n_nodes=2, rounds=3, n_levels=2, tightness=0.8)
+    ex = exact_optimum(inst)
+    assert ex.outcome.feasible and ex.energy == pytest.approx(_enumerate(inst), rel=1e-12)
+
+
+def test_adp_against_the_exact_optimum():
+    """>= 3 nodes x 5 rounds x 3 levels, fresh random instances: always feasible, never below the
+    optimum, mean gap <= 2% at the default buckets, and 0 at fine ones."""
+    gaps = {4: [], 32: [], 64: []}
+    for seed in range(8):
+        inst = random_instance(seed, n_nodes=3, rounds=5, n_levels=3)
+        ex = exact_optimum(inst)
+        for b in gaps:
+            r = solve_adp(inst, b, b)
+            assert r.outcome.feasible and simulate(inst, r.plan).energy == r.energy
+            assert r.energy >= ex.energy * (1 - 1e-12)
+            gaps[b].append(r.energy / ex.energy - 1)
+    assert sum(gaps[32]) / len(gaps[32]) <= 0.02
+    assert max(gaps[64]) <= 1e-9
+    assert sum(gaps[4]) >= sum(gaps[64])
+
+
+def test_baselines_are_feasible_or_none_and_never_beat_the_optimum():
+    for seed in range(5):
+        inst = random_instance(seed, n_nodes=3, rounds=5, n_levels=3)
+        opt = exact_optimum(inst).energy
+        for r in (no_pruning(inst), prune_once(inst), greedy(inst), random_plan(inst, seed)):
+            if r.plan is not None:
+                assert r.outcome.feasible and r.energy >= opt * (1 - 1e-12), r.method
+            else:
+                assert math.isinf(r.energy)
+        assert prune_once(inst).energy <= no_pruning(inst).energy
+
+
+def test_candidate_subsets_are_the_non_dominated_ones():
+    inst = random_instance(7, n_nodes=5, rounds=4, n_levels=2)
+    kept = candidate_subsets(inst, 0)
+    every = [(c, round_cost(inst, c, 0)) for k in range(1, 6) for c in itertools.combinations(range(5), k)]
+    for sub, (s, t, e) in every:           # each subset is kept or dominated by a kept one
+        assert any(s2 >= s and t2 <= t and e2 <= e for _, (s2, t2, e2) in kept)
+    for sub, (s, t, e) in kept:            # no kept subset is strictly dominated by any subset
+        assert not any(s2 >= s and t2 <= t and e2 <= e and (s2, t2, e2) != (s, t, e) for _, (s2, t2, e2) in every)
+    many = random_instance(8, n_nodes=14, rounds=3, n_levels=2)
+    fam = candidate_subsets(many, 0, max_subsets=255)      # the polynomial family
+    assert 1 <= len(fam) <= 14 * 14
+
+
+def test_infeasible_names_the_tightest_constraint():
+    inst = random_instance(3, n_nodes=3, rounds=5, n_levels=3)
+    d = inst.to_dict()
+    with pytest.raises(InfeasibleError, match="loss target .* out of reach in 5 rounds"):
+        solve_adp(Instance.from_dict({**d, "target_loss": 0.01}))
+    with pytest.raises(InfeasibleError, match="deadline .* too short"):
+        solve_adp(Instance.from_dict({**d, "deadline": inst.deadline / 50}))
+
+
+def test_bad_input_is_named():
+    inst = random_instance(2)
+    d = json.loads(json.dumps(inst.to_dict()))
+    assert Instance.from_dict(d) == inst
+    bad_node = dict(d["nodes"][0])
+    del bad_node["power"]
+    with pytest.raises(ValueError, match=r"node 'n0': missing fields \['power'\]"):
+        Instance.from_dict({**d, "nodes": [bad_node] + d["nodes"][1:]})
+    with pytest.raises(ValueError, match=r"unknown fields \['colour'\]"):
+        Instance.from_dict({**d, "nodes": [{**d["nodes"][0], "colour": 1}]})
+    with pytest.raises(ValueError, match=r"missing fields \['deadline'\]"):
+        Instance.from_dict({k: v for k, v in d.items() if k != "deadline"})
+    with pytest.raises(ValueError, match="flops must be > 0"):
+        Node("x", flops=0, power=1, samples=1, bandwidth=1)
+    with pytest.raises(ValueError, match="target_loss .* must be below initial_loss"):
+        Instance.from_dict({**d, "target_loss": d["initial_loss"] * 2})
+    with pytest.raises(ValueError, match="one loss curve per level"):
+        Instance.from_dict({**d, "curves": d["curves"][:1]})
+    with pytest.raises(ValueError, match="goes back from level 1 to 0"):
+        simulate(inst, Plan([((0,), 1), ((0,), 0)]))
+    with pytest.raises(ValueError, match="round 0 names nodes"):
+        simulate(inst, Plan([((0, 0), 0)]))
+    with pytest.raises(ValueError, match="exceed the horizon"):
+        simulate(inst, Plan([((0,), 0)] * (inst.rounds + 1)))
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="loss_buckets"):
+            solve_adp(inst, loss_buckets=bad)
+    out = simulate(inst, Plan([((0,), 0)]))
+    assert not out.feasible and "loss" in out.reason
+
+
+def test_measured_levels_come_from_the_reconfigured_model():
+    import torch
+    from pyoptim.models import resnet20
+    from pyoptim.flops import flops_per_sample
+    from pyoptim.pact.levels import measure_levels, pruned_model
+    torch.set_num_threads(1)
+    rows = measure_levels(lambda: resnet20(10, in_channels=1), [1.0, 0.5], (1, 12, 12), 10, batch_size=4, reps=1)
+    dense, half = rows
+    assert dense["flops_ratio"] == 1.0 and 0.15 < half["flops_ratio"] < 0.5      # ~keep^2 in the convs
+    assert half["parameters"] < dense["parameters"] and half["level"].model_bytes == 4 * half["parameters"]
+    x = torch.randn(2, 1, 12, 12)
+    m = pruned_model(resnet20(10, in_channels=1), 0.5, x)
+    assert flops_per_sample(m, x)[1] == half["train_flops_per_sample"]
+    assert max(c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)) == 32
+    with pytest.raises(ValueError, match="keeps must be decreasing"):
+        measure_levels(lambda: resnet20(10, in_channels=1), [0.5, 1.0], (1, 12, 12), 10)
+
+
+def test_plan_command_writes_a_plan_and_refuses_bad_input(tmp_path, capsys):
+    from pyoptim import cli
+    inst = random_instance(4, n_nodes=3, rounds=6, n_levels=2)
+    d = inst.to_dict()
+    (tmp_path / "nodes.json").write_text(json.dumps({"nodes": d["nodes"], "aggregation": 0.01}))
+    (tmp_path / "curves.json").write_text(json.dumps(d["curves"]))
+    base = ["plan", "--nodes", str(tmp_path / "nodes.json"), "--curves", str(tmp_path / "curves.json"),
+            "--keeps", "1,0.5", "--input-shape", "1,12,12", "--rounds", "6"]
+    out = tmp_path / "out"
+    assert cli.main(base + ["--target-loss", "1.1", "--deadline", "60s", "--out", str(out)]) == 0
+    doc = json.loads((out / "plan.json").read_text())
+    assert (out / "plan.png").exists()
+    plan = Plan.from_dict(doc["plan"])
+    again = Instance.from_dict(doc["instance"])
+    assert simulate(again, plan).energy == pytest.approx(doc["predicted"]["energy"])
+    assert doc["predicted"]["feasible"] and doc["predicted"]["losses"][-1] <= 1.1
+    assert set(doc["methods"]) >= {"adp", "no_pruning", "prune_once", "greedy"}
+    assert [lv["keep"] for lv in doc["levels"]] == [1.0, 0.5]
+    capsys.readouterr()
+    for extra, msg in ((["--target-loss", "0.01", "--deadline", "60s"], "infeasible: the loss target"),
+                       (["--target-loss", "1.1", "--deadline", "1ms"], "infeasible: the deadline")):
+        assert cli.main(base + extra + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    (tmp_path / "bad.json").write_text(json.dumps({"nodes": [{"name": "a", "flops": 1}]}))
+    bad = ["plan", "--nodes", str(tmp_path / "bad.json"), "--curves", str(tmp_path / "curves.json"),
+           "--keeps", "1,0.5", "--target-loss", "1", "--deadline", "1m"]
+    assert cli.main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "node 'a': missing fields ['power', 'samples', 'bandwidth']" in err[0]
+    for argv, opt in ((base + ["--keeps", "0.5,1", "--target-loss", "1", "--deadline", "1m"], "--keeps"),
+                      (base + ["--target-loss", "1", "--deadline", "soon"], "--deadline")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and opt in capsys.readouterr().err
+
+
+def test_fit_curve_recovers_a_power_law_and_reports_held_back_error():
+    import numpy as np
+    from pyoptim.pact.loss import curve_error, fit_curve
+    true = LossCurve(scale=40.0, power=0.6, floor=0.3, offset=500.0)
+    rng = np.random.default_rng(0)
+    xs = np.linspace(0, 40000, 60)
+    ys = np.array([true.at(x) for x in xs]) * np.exp(rng.normal(0, 0.01, xs.size))
+    fit = fit_curve(xs, ys)
+    clean = np.array([true.at(x) for x in xs])
+    err = curve_error(fit, xs, clean)
+    assert err["mean_rel"] < 0.01 and err["max_rel"] < 0.04
+    held = np.array([true.at(x) for x in xs]) * np.exp(rng.normal(0, 0.01, xs.size))
+    assert curve_error(fit, xs, held)["mean_rel"] < 0.03
+    with pytest.raises(ValueError, match="matching 1-D"):
+        fit_curve([1, 2], [1, 2])
+    with pytest.raises(ValueError, match="losses finite and > 0"):
+        fit_curve([0, 1, 2, 3], [1, 0, 1, 1])
+
+
+def _bench(name, args, tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", name), *args, "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_bench_pact_smoke(tmp_path):
+    _bench("bench_pact.py", ["--instances", "3", "--granularities", "4,32", "--size-instances", "1",
+                             "--baseline-instances", "2", "--exact-limit", "100000", "--name", "p"], tmp_path)
+    res = json.loads((tmp_path / "p_cpu.json").read_text())
+    assert (tmp_path / "p_cpu.png").exists()
+    g = res["gap"]["by_granularity"]
+    assert set(g) == {"4", "32"} and all(v >= -1e-12 for k in g for v in g[k]["gaps"])
+    assert set(res["sizes"]) == {"n_nodes", "rounds", "n_levels"}
+    assert set(res["baselines"]["baselines"]) == {"no_pruning", "prune_once", "greedy", "random"}
+
+
+def test_pact_curves_smoke(tmp_path):
+    from pyoptim.data import DatasetNotFoundError, load_fashion_mnist
+    try:
+        load_fashion_mnist("train")
+    except DatasetNotFoundError as exc:
+        pytest.skip(f"Fashion-MNIST is not installed: {str(exc).splitlines()[0]}")
+    _bench("pact_curves.py", ["--keeps", "1,0.5", "--train-subset", "512", "--epochs", "1", "--window", "2",
+                              "--curves-out", str(tmp_path / "c.json"), "--name", "c"], tmp_path)
+    res = json.loads((tmp_path / "c_cpu.json").read_text())
+    assert [lv["keep"] for lv in res["levels"]] == [1.0, 0.5]
+    for lv in res["levels"]:
+        assert len(lv["curves"]) == 2 and len(lv["held_back"]) == 1 and lv["held_back_mean_rel"] >= 0
+        LossCurve(**lv["fit"])
+    assert len(json.loads((tmp_path / "c.json").read_text())) == 2

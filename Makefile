@@ -9,6 +9,10 @@
 #   make bench       the kernel benchmark scripts, results in bench/results/
 #   make bench-prunetrain  dense vs PruneTrain (short lasso with a floor) on Fashion-MNIST, 15 000
 #                          steps a run, 3 seeds, and a uniform width 0.75 (7 runs of 9-14 min, one thread)
+#   make bench-scheme-search  sparse update: pretrain MobileNetV2-w0.35 (cached), contribution tables
+#                          of few_shot and shift (8 ratio levels, 2 seeds; about 40 min on 2 cores,
+#                          resumable), then evolution vs random search vs the optimum and the
+#                          fine-tuned check (about 15 min)
 #   make bench-budget      budgeted training on Fashion-MNIST, every knob at 1/2..1/20 of the full
 #                          run's time (about 40 min on 2 CPU cores)
 
@@ -31,7 +35,7 @@ DEMO_ARGS   ?= $(DEMO_RECIPE) --method prunetrain --lpr 0.7 --bn-scale --round-t
                --lasso-steps 400 --interval 200 --interval-unit step --max-batch-size 512 --out runs/demo \
                --compare-to $(DEMO_DENSE)
 
-.PHONY: demo demo-dense test cuda-check bench bench-prunetrain bench-budget install clean fashion-mnist
+.PHONY: demo demo-dense test cuda-check bench bench-prunetrain bench-scheme-search bench-budget install clean fashion-mnist
 
 demo: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 $(VENV)/bin/pyoptim train $(DEMO_ARGS)
@@ -70,6 +74,17 @@ PRUNE_MAIN ?= --bn-scale --round-to 16 --interval 500 --interval-unit step --min
 bench-prunetrain: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 OMP_NUM_THREADS=1 $(PY) bench/bench_prunetrain.py --seeds 0 1 2 --main b750 \
 	  --variant "b750=$(PRUNE_MAIN)" --dense-variant "w0.75=--width 0.75" --name prunetrain_resnet20_15k_shortlasso
+
+SEARCH_RATIOS ?= 0.125,0.25,0.375,0.5,0.625,0.75,0.875,1
+SEARCH_TASKS  ?= few_shot shift
+SEARCH_BUDGETS ?= 0.1,0.2,0.3,0.5
+bench-scheme-search: $(VENV)/.built fashion-mnist
+	PYOPTIM_QUIET=1 $(PY) bench/make_pretrained.py --threads 1
+	for t in $(SEARCH_TASKS); do PYOPTIM_QUIET=1 $(PY) bench/contribution_tables.py --task $$t --window 16 \
+	  --ratios $(SEARCH_RATIOS) --seeds 0,1 --workers 2 --cache runs/contribution_$$t.json \
+	  --out runs/tables_$$t.json || exit 1; done
+	PYOPTIM_QUIET=1 $(PY) bench/bench_scheme_search.py $(foreach t,$(SEARCH_TASKS),--tables runs/tables_$(t).json) \
+	  --budgets $(SEARCH_BUDGETS) --workers 2 --name scheme_search_mbv2
 
 bench-budget: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 $(PY) bench/bench_budget.py

@@ -15,9 +15,10 @@ from pyoptim.data import DatasetNotFoundError, load_fashion_mnist
 from pyoptim.models import mobilenet_v2
 from pyoptim.sparse import (SearchSpace, SparseUpdate, SparseUpdateScheme, exact_search, fuse_bn,
                             memory_estimate, parse_bytes, scheme_for_budget)
-from pyoptim.sparse.compare import compare_searches, reach_target
+from pyoptim.sparse.compare import (compare_searches, curve_from_steps, curve_steps, reach_target,
+                                    run_curves)
 from pyoptim.sparse.contribution import ContributionTables, conv_positions, model_digest, update_scheme
-from pyoptim.sparse.search import evaluations_to_reach
+from pyoptim.sparse.search import evaluations_to_reach, evolution_search, random_search
 from pyoptim.sparse import tasks as T
 from pyoptim.train import Trainer
 
@@ -172,15 +173,41 @@ def test_compare_searches_counts_evaluations_to_the_target(model, seed):
     res = compare_searches(space, budget, 150, seeds=[0, 1, 2], population=20)
     assert res["optimum"]["score"] == pytest.approx(_brute(space, budget), abs=1e-12)
     assert res["target"] == reach_target(res["optimum"]["score"], 0.99)
-    for method in ("evolution", "random"):
-        for run, reach in zip(res[method]["runs"], res[method]["to_target"]):
-            assert len(run["curve"]) == 150 and run["memory"] <= budget
-            assert reach == evaluations_to_reach(run["curve"], res["target"])
+    for method, search in (("evolution", evolution_search), ("random", random_search)):
+        curves = run_curves(res, method)
+        for run, reach, curve, s in zip(res[method]["runs"], res[method]["to_target"], curves, [0, 1, 2]):
+            assert len(curve) == 150 and run["memory"] <= budget and "curve" not in run
+            again = (search(space, budget, 150, s, population=20) if method == "evolution"
+                     else search(space, budget, 150, s))
+            assert curve == again.curve                          # the steps are lossless
+            assert reach == evaluations_to_reach(curve, res["target"])
             assert run["score"] <= res["optimum"]["score"] + 1e-12
     e, r = res["evolution"]["median_to_target"], res["random"]["median_to_target"]
     assert res["speedup"] == (None if e is None or r is None else r / e)
     assert res["speedup_at_least"] == (150 / e if e is not None and r is None else res["speedup"])
     json.dumps(res)                                              # JSON-ready
+
+
+def test_compare_searches_gives_random_search_more_evaluations(model):
+    space = _random_space(fuse_bn(copy.deepcopy(model)), random.Random(5))
+    res = compare_searches(space, 5500.0, 60, seeds=[0, 1], population=20, random_evaluations=400)
+    assert res["random_evaluations"] == 400
+    assert [len(c) for c in run_curves(res, "random")] == [400, 400]
+    assert [len(c) for c in run_curves(res, "evolution")] == [60, 60]
+    assert res["random"]["at_evaluations"] == [c[59] for c in run_curves(res, "random")]
+    r = res["random"]["median_to_target"]
+    assert r is None or r <= 400
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="random_evaluations"):
+            compare_searches(space, 5500.0, 60, seeds=[0], random_evaluations=bad)
+
+
+def test_curve_steps_round_trip():
+    curve = [0.1, 0.1, 0.3, 0.3, 0.3, 0.35, 0.5, 0.5]
+    steps = curve_steps(curve)
+    assert steps == [[1, 0.1], [3, 0.3], [6, 0.35], [7, 0.5]]
+    assert curve_from_steps(steps, len(curve)) == curve
+    assert curve_from_steps(curve_steps([2.0]), 1) == [2.0]
 
 
 def test_reach_target_and_bad_comparisons(model):
@@ -265,10 +292,11 @@ def test_search_scheme_writes_a_scheme_train_accepts(ckpt, tmp_path, capsys):
     out = tmp_path / "search"
     assert cli.main(["search-scheme", "--init", ckpt, "--task", "few_shot", "--tables", str(tmp_path / "t.json"),
                      "--memory-budget", "2MB", "--evaluations", "60", "--population", "12", "--seeds", "0,1",
-                     "--out", str(out), *TINY]) == 0
+                     "--random-evaluations", "90", "--out", str(out), *TINY]) == 0
     res = json.loads((out / "search.json").read_text())
     assert (out / "search.png").exists()
     comp = res["comparison"]
+    assert comp["random_evaluations"] == 90 and [len(c) for c in run_curves(comp, "random")] == [90, 90]
     assert len(comp["evolution"]["runs"]) == 2 and comp["optimum"]["memory"] <= 2e6
     assert res["chosen"]["score"] == max(r["score"] for r in comp["evolution"]["runs"])
     assert "evaluations to 99% of the optimum" in capsys.readouterr().out
@@ -335,9 +363,54 @@ def test_sparse_option_contradictions_and_bad_files_are_one_line(ckpt, tmp_path,
         cli.main(["search-scheme", "--init", ckpt, "--memory-budget", "1MB", "--tables",
                   str(tmp_path / "t.json"), "--evaluations", "0"])
     assert e.value.code == 2 and "argument --evaluations" in _one_line(capsys)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["search-scheme", "--init", ckpt, "--memory-budget", "1MB", "--tables",
+                  str(tmp_path / "t.json"), "--random-evaluations", "0"])
+    assert e.value.code == 2 and "argument --random-evaluations" in _one_line(capsys)
 
 
 def test_a_budget_below_the_smallest_scheme_names_the_minimum(ckpt, tmp_path):
     with pytest.raises(SystemExit, match=r"memory budget 1 KB is below the smallest scheme's [0-9.]+ KB"):
         cli.main(["train", "--method", "sparse", "--init", ckpt, "--task", "few_shot", "--memory-budget", "1KB",
                   "--out", str(tmp_path / "r"), *TINY])
+
+
+def test_bench_scheme_search_smoke(ckpt, tmp_path):
+    """bench/bench_scheme_search.py end to end on tiny tables and a tiny task: every budget has
+    its comparison (evolution, random search with more evaluations, the optimum, the coarse
+    optimum), the fine-tuned schemes, rho and the picture."""
+    import os
+    import subprocess
+    import sys
+    tables = _tables_for(ckpt)
+    task = T.make_task("few_shot", resolution=RES, train_per_class=16, test_per_class=8)
+    tables.identity.update(task=task.config(), steps=2, lr=0.05, batch_size=8, momentum=0.9,
+                           weight_decay=0.0)
+    (tmp_path / "t.json").write_text(json.dumps({"tables": tables.to_dict()}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "bench", "bench_scheme_search.py"), "--tables",
+           str(tmp_path / "t.json"), "--pretrained", ckpt, "--budgets", "0.3,0.7", "--evaluations", "120",
+           "--random-evaluations", "300", "--seeds", "0,1", "--finetune-seeds", "3", "--random-schemes", "2",
+           "--coarse-ratios", "0.5,1", "--batch-size", "4", "--task-train-per-class", "16",
+           "--task-test-per-class", "8", "--out-dir", str(tmp_path), "--name", "ss"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "ss_cpu.json").read_text())
+    assert (tmp_path / "ss_cpu.png").exists()
+    t = res["tasks"][0]
+    assert t["task"] == "few_shot" and len(t["searches"]) == 2 and t["coarse_ratios"] == [0.5, 1.0]
+    assert t["finetune"] == {"steps": 2, "lr": 0.05, "batch_size": 8, "momentum": 0.9, "weight_decay": 0.0}
+    for cmp_, budget in zip(t["searches"], t["budgets"]):
+        assert cmp_["random_evaluations"] == 300 and cmp_["evaluations"] == 120
+        assert cmp_["coarse_optimum"]["score"] <= cmp_["optimum"]["score"] and cmp_["optimum"]["memory"] <= budget
+    for share in ("0.3", "0.7"):
+        row = t["searched_beats_last_k"][share]
+        assert {"searched", "coarse", "bias_last_k", "full_last_k", "beats"} <= set(row)
+        assert all(0 <= row[k] <= 1 for k in ("searched", "coarse", "bias_last_k", "full_last_k"))
+    assert 3 <= t["spearman_n"] <= len(t["schemes"])
+    assert set(res["goals"]) == {"evolution_5x_fewer_evaluations", "searched_beats_last_k_everywhere",
+                                 "spearman_rho"}
+    bad = subprocess.run(cmd[:-4] + ["--task-test-per-class", "7", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "other data" in bad.stderr

@@ -3,7 +3,8 @@ contribution tables of a pretrained model on a task, with the search curves.
 
     pyoptim search-scheme --init CKPT --task few_shot --memory-budget 1MB
                           (--tables tables.json | --measure [--workers 2] [--cache c.json])
-                          [--method evolution] [--evaluations 500] [--seeds 0,1,2,3,4] --out DIR
+                          [--method evolution] [--evaluations 500] [--random-evaluations N]
+                          [--seeds 0,1,2,3,4] --out DIR
 
 It builds the :class:`~pyoptim.sparse.search.SearchSpace` (gains from the tables, memory from
 ``memory_estimate(...)["training"]`` at ``--batch-size``), runs the exact search and evolution and
@@ -14,25 +15,18 @@ of the optimum) and ``DIR/search.png`` (best-so-far curves against evaluations).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from .options import number
+from .options import comma_list, number
 from .sparse import add_sparse_arguments, load_task_and_model, read_tables
 
 HELP = "search the sparse update scheme for a memory budget (evolution, random, exact) and draw the curves"
 
 
 def seeds_arg(text: str):
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a comma list of integers, got {text!r}") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("must name at least one seed")
-    return seeds
+    return comma_list(int, text, "integers (seeds)")
 
 
 def add_arguments(t) -> None:
@@ -45,6 +39,9 @@ def add_arguments(t) -> None:
     t.add_argument("--method", default="evolution", choices=("evolution", "random", "exact"),
                    help="whose best scheme scheme.json holds")
     t.add_argument("--evaluations", type=number(int, 1), default=500, help="schemes each search scores")
+    t.add_argument("--random-evaluations", type=number(int, 1), default=None,
+                   help="random search's evaluations (default --evaluations; more measures its own "
+                        "count to 99%% of the optimum)")
     t.add_argument("--population", type=number(int, 2), default=100, help="evolution's population")
     t.add_argument("--seeds", type=seeds_arg, default=[0, 1, 2, 3, 4], help="comma list")
     t.add_argument("--data-dir", default=None)
@@ -81,7 +78,8 @@ def run(args) -> int:
     space = search_space(pretrained, tables, shape, args.batch_size, memory="training")
     try:
         result = compare_searches(space, args.memory_budget, args.evaluations, args.seeds,
-                                  population=args.population)
+                                  population=args.population,
+                                  random_evaluations=args.random_evaluations)
     except ValueError as exc:
         raise SystemExit(f"pyoptim search-scheme: {exc}") from None
     if args.method == "exact":

@@ -14,246 +14,16 @@ the bias term), so the DP, a brute force and ``SearchSpace.score`` agree to the 
 """
 from __future__ import annotations
 
-import copy
-import json
 import math
 import numbers
 import random
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional
 
-_GENE = List[int]  # [k, level of layer 1, level of layer 2, ...]; level 0 = not updated
+from .space import (_GENE, Scheme, SearchResult, SearchSpace, _check_int,  # noqa: F401 (re-exported)
+                    evaluations_to_reach)
 
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _check_int(name: str, v, low: int) -> int:
-    if not _is_int(v) or v < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    return int(v)
-
-
-class _Json:
-    """``to_json`` / ``from_json`` over a class's ``to_dict`` / ``from_dict``."""
-
-    def to_json(self, **kw) -> str:
-        return json.dumps(self.to_dict(), **kw)
-
-    @classmethod
-    def from_json(cls, text: str):
-        return cls.from_dict(json.loads(text))
-
-
-def _floats(name: str, values, nonneg: bool) -> List[float]:
-    try:
-        out = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise ValueError(f"SearchSpace.{name}: expected a list of numbers, got {values!r}") from None
-    for j, v in enumerate(out):
-        if not math.isfinite(v):
-            raise ValueError(f"SearchSpace.{name}[{j}] is {v} (NaN/inf are not allowed)")
-        if nonneg and v < 0:
-            raise ValueError(f"SearchSpace.{name}[{j}] is {v}: memory cannot be negative")
-    return out
-
-
-@dataclass
-class Scheme(_Json):
-    """Biases of the last ``k`` layers train; ``ratios[layer]`` is the share of that layer's
-    weight that trains, one of the space's ratio levels (0 = not updated, dropped on creation)."""
-
-    k: int
-    ratios: Dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not _is_int(self.k) or self.k < 0:
-            raise ValueError(f"Scheme.k must be an int >= 0, got {self.k!r}")
-        self.k = int(self.k)
-        ratios = {str(name): float(r) for name, r in dict(self.ratios).items()}
-        for name, r in ratios.items():
-            if not 0.0 <= r <= 1.0:
-                raise ValueError(f"Scheme.ratios[{name!r}] = {r} is outside [0, 1]")
-        self.ratios = {name: r for name, r in ratios.items() if r > 0.0}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Scheme":
-        if set(d) - {"k", "ratios"} or "k" not in d:
-            raise ValueError(f"Scheme.from_dict: expected the fields k and ratios, got {sorted(d)}")
-        return cls(d["k"], d.get("ratios", {}))
-
-
-_SPACE_FIELDS = ("ratios", "bias_gain", "bias_memory", "positions", "weight_gain", "weight_memory")
-
-
-@dataclass(frozen=True)
-class SearchSpace(_Json):
-    """The additive model. ``K = len(bias_gain) - 1`` is the largest bias window.
-
-    Attributes:
-        ratios: the ratio levels, strictly increasing in (0, 1] (e.g. ``[1/8, 1/4, 1/2, 1]``).
-        bias_gain: ``K + 1`` gains, ``bias_gain[k]`` for the biases of the last ``k`` layers.
-        bias_memory: ``K + 1`` bytes, non-negative and non-decreasing in ``k``.
-        positions: candidate layer -> its position from the end, distinct ints in ``1..K``.
-        weight_gain: layer -> one gain per ratio level (finite; may be negative).
-        weight_memory: layer -> one non-negative memory per ratio level.
-    The tables are copied to floats on creation; treat the space as immutable.
-    """
-
-    ratios: List[float]
-    bias_gain: List[float]
-    bias_memory: List[float]
-    positions: Dict[str, int]
-    weight_gain: Dict[str, List[float]]
-    weight_memory: Dict[str, List[float]]
-    _order: List[str] = field(init=False, repr=False, compare=False)
-    _window: List[int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        ratios = _floats("ratios", self.ratios, nonneg=False)
-        if not ratios or not all(0.0 < r <= 1.0 for r in ratios):
-            raise ValueError(f"SearchSpace.ratios: need one or more levels in (0, 1], got {ratios}")
-        if any(a >= b for a, b in zip(ratios, ratios[1:])):
-            raise ValueError(f"SearchSpace.ratios must be strictly increasing, got {ratios}")
-        bias_gain = _floats("bias_gain", self.bias_gain, nonneg=False)
-        bias_memory = _floats("bias_memory", self.bias_memory, nonneg=True)
-        if not bias_gain or len(bias_gain) != len(bias_memory):
-            raise ValueError(f"SearchSpace.bias_memory has {len(bias_memory)} entries but bias_gain "
-                             f"has {len(bias_gain)}; both need K + 1 >= 1 entries (k = 0..K)")
-        if any(a > b for a, b in zip(bias_memory, bias_memory[1:])):
-            raise ValueError("SearchSpace.bias_memory must be non-decreasing in k (the biases of "
-                             f"more layers cannot cost less), got {bias_memory}")
-        big_k = len(bias_gain) - 1
-        positions = dict(self.positions)
-        for what in ("weight_gain", "weight_memory"):
-            if set(getattr(self, what)) != set(positions):
-                raise ValueError(f"SearchSpace.{what} names layers {sorted(getattr(self, what))} "
-                                 f"but positions names {sorted(positions)}")
-        for name, p in positions.items():
-            if not isinstance(name, str):
-                raise ValueError(f"SearchSpace.positions: layer names must be strings, got {name!r}")
-            if not _is_int(p) or not 1 <= p <= big_k:
-                raise ValueError(f"SearchSpace.positions[{name!r}] = {p!r}: need an int in 1..K = "
-                                 f"1..{big_k} (bias_gain has K + 1 = {big_k + 1} entries)")
-        if len(set(positions.values())) != len(positions):
-            raise ValueError(f"SearchSpace.positions: two layers share a position: {positions}")
-        tables = {"weight_gain": {}, "weight_memory": {}}
-        for what in tables:
-            for name in positions:
-                row = _floats(f"{what}[{name!r}]", getattr(self, what)[name], what == "weight_memory")
-                if len(row) != len(ratios):
-                    raise ValueError(f"SearchSpace.{what}[{name!r}] has {len(row)} entries but "
-                                     f"ratios has {len(ratios)} levels")
-                tables[what][name] = row
-        order = sorted(positions, key=positions.get)
-        for name, value in (("ratios", ratios), ("bias_gain", bias_gain), ("bias_memory", bias_memory),
-                            ("positions", {n: int(positions[n]) for n in order}), ("_order", order),
-                            ("_window", [sum(positions[n] <= k for n in order)
-                                         for k in range(big_k + 1)]), *tables.items()):
-            object.__setattr__(self, name, value)      # frozen dataclass
-
-    @property
-    def max_k(self) -> int:
-        return len(self.bias_gain) - 1
-
-    # ---- schemes <-> genes ----
-    def _genes(self, scheme: Scheme) -> _GENE:
-        if not isinstance(scheme, Scheme):
-            raise ValueError(f"expected a Scheme, got {type(scheme).__name__}")
-        if scheme.k > self.max_k:
-            raise ValueError(f"Scheme.k = {scheme.k} exceeds K = {self.max_k}")
-        genes = [scheme.k] + [0] * len(self._order)
-        index = {n: i for i, n in enumerate(self._order)}
-        for name, r in scheme.ratios.items():
-            if name not in index:
-                raise ValueError(f"Scheme.ratios: unknown layer {name!r}; the space has {self._order}")
-            levels = [j for j, q in enumerate(self.ratios) if math.isclose(q, r, rel_tol=1e-9)]
-            if not levels:
-                raise ValueError(f"Scheme.ratios[{name!r}] = {r} is not one of the levels {self.ratios}")
-            genes[1 + index[name]] = levels[0] + 1
-        return genes
-
-    def _scheme(self, genes: _GENE) -> Scheme:
-        return Scheme(genes[0], {n: self.ratios[g - 1] for n, g in zip(self._order, genes[1:]) if g})
-
-    def _gene_sum(self, genes: _GENE, weights: Dict[str, List[float]], bias: List[float]) -> float:
-        total = 0.0                    # this order of summation is the one the DP reproduces
-        for name, g in zip(self._order, genes[1:]):
-            if g:
-                total += weights[name][g - 1]
-        return total + bias[genes[0]]
-
-    def _gene_score(self, genes: _GENE) -> float:
-        return self._gene_sum(genes, self.weight_gain, self.bias_gain)
-
-    def _gene_memory(self, genes: _GENE) -> float:
-        return self._gene_sum(genes, self.weight_memory, self.bias_memory)
-
-    # ---- the model ----
-    def score(self, scheme: Scheme) -> float:
-        """``bias_gain[k] + sum of the weight gains`` (the window is not checked here)."""
-        return self._gene_score(self._genes(scheme))
-
-    def memory(self, scheme: Scheme) -> float:
-        """``bias_memory[k] + sum of the weight memories`` (the window is not checked here)."""
-        return self._gene_memory(self._genes(scheme))
-
-    def in_window(self, scheme: Scheme) -> bool:
-        """Whether every layer that trains weights is among the last ``k`` layers."""
-        self._genes(scheme)                            # unknown layers / levels raise
-        return all(self.positions[n] <= scheme.k for n in scheme.ratios)
-
-    def feasible(self, scheme: Scheme, budget: float) -> bool:
-        """In the window and ``memory(scheme) <= budget``. Unknown layers or levels raise."""
-        return self.in_window(scheme) and self.memory(scheme) <= budget
-
-    def min_memory(self) -> float:
-        """The smallest memory of any scheme: ``k = 0``, no weights (``bias_memory[0]``)."""
-        return self.bias_memory[0]
-
-    # ---- serialisation ----
-    def to_dict(self) -> dict:
-        return {f: copy.deepcopy(getattr(self, f)) for f in _SPACE_FIELDS}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchSpace":
-        if set(d) != set(_SPACE_FIELDS):
-            raise ValueError(f"SearchSpace.from_dict: expected the fields {list(_SPACE_FIELDS)}, "
-                             f"got {sorted(d)}")
-        return cls(**{f: d[f] for f in _SPACE_FIELDS})
-
-
-@dataclass
-class SearchResult(_Json):
-    """What a search found. ``curve[i]`` is the best score after ``i + 1`` evaluations (evolution
-    and random search; ``len(curve) == evaluations``). For the exact search ``curve`` is empty,
-    ``evaluations`` counts the (memory, score) pairs its DP kept (summed over the layers: its
-    work) and ``seed`` is None."""
-
-    scheme: Scheme
-    score: float
-    memory: float
-    curve: List[float]
-    evaluations: int
-    method: str
-    seed: Optional[int] = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchResult":
-        return cls(**{**d, "scheme": Scheme.from_dict(d["scheme"])})
-
-
-def evaluations_to_reach(curve: Sequence[float], target: float) -> Optional[int]:
-    """The first evaluation count (1-based) at which ``curve`` (best-so-far) is ``>= target``,
-    or None when it never is."""
-    return next((i + 1 for i, v in enumerate(curve) if v >= target), None)
+__all__ = ["Scheme", "SearchSpace", "SearchResult", "evaluations_to_reach", "random_search",
+           "evolution_search", "exact_search"]
 
 
 def _check_budget(space: SearchSpace, budget: float) -> float:
@@ -265,7 +35,14 @@ def _check_budget(space: SearchSpace, budget: float) -> float:
 
 
 class _Sampler:
-    """Random schemes, mutation, crossover and repair on gene lists, with one seeded RNG."""
+    """Random genomes, mutation, crossover and repair, with one seeded RNG.
+
+    A genome holds ``k`` and a level for *every* layer. Levels of layers outside the window
+    (position ``> k``) are latent, as the genes of the blocks beyond a stage's depth are in
+    once-for-all's encoding: the scheme a genome expresses (:meth:`express`) does not train them,
+    but they are kept, mutated and crossed over, and come into play when ``k`` grows past them.
+    Without that, a larger ``k`` only ever brings in untrained layers and a search stalls at the
+    window its first good schemes had."""
 
     def __init__(self, space: SearchSpace, budget: float, rng: random.Random,
                  max_retries: Optional[int]):
@@ -275,10 +52,15 @@ class _Sampler:
         self.max_retries = (self.n * self.levels + space.max_k if max_retries is None
                             else _check_int("max_retries", max_retries, 0))
 
+    def express(self, genes: _GENE) -> _GENE:
+        """The scheme's genes: the latent levels (outside the window of ``k``) set to 0."""
+        w = self.space._window[genes[0]]
+        return [genes[0]] + [g if i < w else 0 for i, g in enumerate(genes[1:])]
+
     def random(self) -> _GENE:
-        k = self.rng.randint(0, self.space.max_k)
-        w = self.space._window[k]
-        return [k] + [self.rng.randint(0, self.levels) if i < w else 0 for i in range(self.n)]
+        """``k`` uniform in ``0..K``, every level uniform (0 included)."""
+        return [self.rng.randint(0, self.space.max_k)] + [self.rng.randint(0, self.levels)
+                                                         for _ in range(self.n)]
 
     def mutate(self, parent: _GENE, prob: float) -> _GENE:
         child = list(parent)
@@ -293,39 +75,46 @@ class _Sampler:
         return [x if self.rng.random() < 0.5 else y for x, y in zip(a, b)]
 
     def repair(self, genes: _GENE) -> Optional[_GENE]:
-        """Drops the weights outside the window, then, at most ``max_retries`` times while over
-        budget, lowers one gene by one step: ``k`` or a layer's level, picked with probability
-        proportional to the memory it costs (the bias gene: its cost above ``k = 0``). None when
-        still over budget after the cap."""
+        """At most ``max_retries`` times while the expressed scheme is over budget, lowers one of
+        its genes by one step: ``k`` or the level of a layer in the window, picked with
+        probability proportional to the memory it costs (the bias gene: its cost above
+        ``k = 0``); latent levels are left alone. Returns the genome, or None when still over
+        budget after the cap."""
         space, genes = self.space, list(genes)
-        for i in range(space._window[genes[0]], self.n):
-            genes[1 + i] = 0
+        order, wm, w = space._order, space.weight_memory, space._window[genes[0]]
+        costs = [wm[order[i]][genes[1 + i] - 1] if i < w and genes[1 + i] else 0.0 for i in range(self.n)]
+        approx = space.bias_memory[genes[0]] + sum(costs)       # kept up to date step by step
         for attempt in range(self.max_retries + 1):
-            if space._gene_memory(genes) <= self.budget:
+            # the exact sum (the order every search uses) decides; the running one only skips it
+            if approx <= self.budget * (1 + 1e-9) + 1e-9 and \
+                    space._gene_memory(self.express(genes)) <= self.budget:
                 return genes
             if attempt == self.max_retries:
                 break
-            costs = [space.bias_memory[genes[0]] - space.bias_memory[0]]
-            costs += [space.weight_memory[n][g - 1] if g else 0.0
-                      for n, g in zip(space._order, genes[1:])]
-            if not sum(costs) > 0.0:   # cannot happen when over a budget >= min_memory
+            if any(c > 0.0 for c in costs):
+                i = self.rng.choices(range(self.n), weights=costs)[0]
+                genes[1 + i] -= 1
+                new = wm[order[i]][genes[1 + i] - 1] if genes[1 + i] else 0.0
+                approx += new - costs[i]
+                costs[i] = new
+            elif genes[0] > 0:         # no weight left to trim: a smaller window
+                genes[0] -= 1
+                approx = space.bias_memory[genes[0]]
+            else:                      # cannot happen when over a budget >= min_memory
                 break
-            j = self.rng.choices(range(self.n + 1), weights=costs)[0]
-            genes[j] -= 1
-            if j == 0:
-                for i in range(space._window[genes[0]], self.n):
-                    genes[1 + i] = 0
         return None
 
 
 class _Tracker:
-    """Scores schemes, counting each scored scheme as one evaluation; keeps the curve."""
+    """Scores schemes, counting each scored scheme as one evaluation; keeps the curve and the
+    set of schemes scored so far (``seen``)."""
 
     def __init__(self, space: SearchSpace):
-        self.space, self.curve = space, []
+        self.space, self.curve, self.seen = space, [], set()
         self.best_score, self.best = -math.inf, None
 
     def score(self, genes: _GENE) -> float:
+        self.seen.add(tuple(genes))
         s = self.space._gene_score(genes)
         if s > self.best_score:
             self.best_score, self.best = s, list(genes)
@@ -343,21 +132,47 @@ def _random_feasible(sampler: _Sampler) -> _GENE:
     return sampler.repair(sampler.random()) or [0] * (sampler.n + 1)
 
 
-def random_search(space: SearchSpace, budget: float, evaluations: int, seed: int = 0
-                  ) -> SearchResult:
+class _Redraws:
+    """Draws again while the scheme drawn was already scored (a search learns nothing from
+    scoring a scheme twice), at most ``limit`` times; the last draw is kept either way. The limit
+    adapts: it halves each time it runs out (the schemes within reach look exhausted, as under a
+    small budget, where every redraw would only repeat the repair) and doubles back towards
+    ``max_redraws`` each time a first draw is new."""
+
+    def __init__(self, sampler: _Sampler, seen: set, max_redraws: int):
+        self.sampler, self.seen, self.max, self.limit = sampler, seen, max_redraws, max_redraws
+
+    def __call__(self, draw) -> _GENE:
+        genes = draw()
+        if tuple(self.sampler.express(genes)) not in self.seen:
+            self.limit = min(self.max, 2 * self.limit + 1)
+            return genes
+        for _ in range(self.limit):
+            genes = draw()
+            if tuple(self.sampler.express(genes)) not in self.seen:
+                return genes
+        self.limit //= 2
+        return genes
+
+
+def random_search(space: SearchSpace, budget: float, evaluations: int, seed: int = 0,
+                  max_redraws: int = 20) -> SearchResult:
     """``evaluations`` random feasible schemes: ``k`` uniform in ``0..K``, each layer in the
-    window a uniform level (0 included), repaired as in :func:`evolution_search`."""
+    window a uniform level (0 included), repaired as in :func:`evolution_search`. A scheme
+    already scored is redrawn, at most ``max_redraws`` times (then scored again: it counts)."""
     budget, evaluations = _check_budget(space, budget), _check_int("evaluations", evaluations, 1)
+    max_redraws = _check_int("max_redraws", max_redraws, 0)
     sampler, tracker = _Sampler(space, budget, random.Random(seed), None), _Tracker(space)
+    redraw = _Redraws(sampler, tracker.seen, max_redraws)
     for _ in range(evaluations):
-        tracker.score(_random_feasible(sampler))
+        tracker.score(sampler.express(redraw(lambda: _random_feasible(sampler))))
     return tracker.result("random", seed)
 
 
 def evolution_search(space: SearchSpace, budget: float, evaluations: int, seed: int = 0,
                      population: int = 100, parent_ratio: float = 0.25, mutate_prob: float = 0.1,
-                     mutation_ratio: float = 0.5, max_retries: Optional[int] = None
-                     ) -> SearchResult:
+                     mutation_ratio: float = 0.5, max_retries: Optional[int] = None,
+                     max_redraws: int = 20) -> SearchResult:
     """Once-for-all's EvolutionFinder over schemes, with an exact evaluation count.
 
     ``population`` random feasible schemes start; each generation keeps the best
@@ -366,10 +181,13 @@ def evolution_search(space: SearchSpace, budget: float, evaluations: int, seed: 
     each layer's level -- resampled with probability ``mutate_prob``), the rest by uniform
     crossover of two random parents. A child over budget or training a weight outside its window
     is repaired (:meth:`_Sampler.repair`, at most ``max_retries`` steps; the default always
-    suffices); if that fails the child is a copy of its (first) parent. Every child is scored and
-    counts as one evaluation, duplicates included, so the search stops after exactly
-    ``evaluations`` scores (possibly mid-generation; with ``evaluations <= population`` it is a
-    random search). Seeded by its own ``random.Random(seed)``.
+    suffices); if that fails the child is a copy of its (first) parent. A child (or an initial
+    scheme) that was already scored is drawn again -- new parents, new mutation or crossover -- at
+    most ``max_redraws`` times: without this the population fills with copies of the best scheme
+    and crossover stops moving it. Every child is scored and counts as one evaluation (a duplicate
+    left after the redraws too), so the search stops after exactly ``evaluations`` scores
+    (possibly mid-generation; with ``evaluations <= population`` it is a random search). Seeded by
+    its own ``random.Random(seed)``.
     """
     budget, evaluations = _check_budget(space, budget), _check_int("evaluations", evaluations, 1)
     population = _check_int("population", population, 2)
@@ -377,27 +195,29 @@ def evolution_search(space: SearchSpace, budget: float, evaluations: int, seed: 
                              ("mutation_ratio", mutation_ratio, False)):
         if not (0.0 < v < 1.0 if is_open else 0.0 <= v <= 1.0):
             raise ValueError(f"{name} = {v} is outside {'(0, 1)' if is_open else '[0, 1]'}")
+    max_redraws = _check_int("max_redraws", max_redraws, 0)
     rng = random.Random(seed)
     sampler, tracker = _Sampler(space, budget, rng, max_retries), _Tracker(space)
+    redraw = _Redraws(sampler, tracker.seen, max_redraws)
     n_parents = min(population - 1, max(1, round(parent_ratio * population)))
     n_children = population - n_parents            # >= 1: every generation makes progress
     n_mutated = round(mutation_ratio * n_children)
     pop = []
     for _ in range(min(population, evaluations)):
-        genes = _random_feasible(sampler)
-        pop.append((tracker.score(genes), genes))
+        genes = redraw(lambda: _random_feasible(sampler))
+        pop.append((tracker.score(sampler.express(genes)), genes))
     while len(tracker.curve) < evaluations:
         pop.sort(key=lambda e: -e[0])               # stable: older schemes win ties
         parents = [g for _, g in pop[:n_parents]]
         pop = pop[:n_parents]
         for j in range(min(n_children, evaluations - len(tracker.curve))):
-            first = rng.choice(parents)
-            if j < n_mutated:
-                child = sampler.mutate(first, mutate_prob)
-            else:
-                child = sampler.crossover(first, rng.choice(parents))
-            child = sampler.repair(child) or list(first)
-            pop.append((tracker.score(child), child))
+            def child(mutated=j < n_mutated):
+                first = rng.choice(parents)
+                new = (sampler.mutate(first, mutate_prob) if mutated
+                       else sampler.crossover(first, rng.choice(parents)))
+                return sampler.repair(new) or list(first)
+            genes = redraw(child)
+            pop.append((tracker.score(sampler.express(genes)), genes))
     return tracker.result("evolution", seed)
 
 

@@ -254,3 +254,36 @@ def test_pact_curves_smoke(tmp_path):
         assert len(lv["curves"]) == 2 and len(lv["held_back"]) == 1 and lv["held_back_mean_rel"] >= 0
         LossCurve(**lv["fit"])
     assert len(json.loads((tmp_path / "c.json").read_text())) == 2
+
+
+def test_a_plan_runs_for_real_in_gloo_processes(tmp_path):
+    """Two node processes, a level change in the second round: the accounted seconds and joules
+    come from the model really trained and equal the plan's (same FLOPs, same bytes), the
+    measured loss is finite for every round, and the report pairs it with the predicted one."""
+    import torch
+    from pyoptim import cli
+    from pyoptim.pact.run import run_plan
+    nodes = {"nodes": [{"name": "a", "flops": 1e11, "power": 10.0, "samples": 96, "bandwidth": 1e7},
+                       {"name": "b", "flops": 5e10, "power": 3.0, "samples": 64, "bandwidth": 1e7}]}
+    (tmp_path / "n.json").write_text(json.dumps(nodes))
+    (tmp_path / "c.json").write_text(json.dumps([{"scale": 2.0, "power": 0.5, "floor": 0.2, "offset": 1.0}] * 2))
+    assert cli.main(["plan", "--nodes", str(tmp_path / "n.json"), "--curves", str(tmp_path / "c.json"),
+                     "--keeps", "1,0.5", "--initial-loss", "2.3", "--target-loss", "0.45", "--deadline", "1m",
+                     "--rounds", "3", "--samples-per-round", "32", "--out", str(tmp_path / "p")]) == 0
+    doc = json.loads((tmp_path / "p" / "plan.json").read_text())
+    doc["plan"] = {"rounds": [{"nodes": [0, 1], "level": 0}, {"nodes": [0], "level": 1}]}
+    inst = Instance.from_dict(doc["instance"])
+    out = simulate(inst, Plan.from_dict(doc["plan"]))
+    doc["predicted"] = out.to_dict()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 1, 28, 28, generator=g), torch.randint(0, 10, (200,), generator=g)
+    res = run_plan({**doc, "batch_size": 16}, x, y)
+    assert [r["level"] for r in res["rounds"]] == [0, 1]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in res["rounds"])
+    assert res["measured"]["energy"] == pytest.approx(out.energy, rel=1e-9)
+    assert res["measured"]["seconds"] == pytest.approx(out.seconds, rel=1e-9)
+    assert [r["predicted_loss"] for r in res["rounds"]] == out.losses[1:]
+    assert res["rounds"][1]["train_flops_per_sample"] < res["rounds"][0]["train_flops_per_sample"]
+    with pytest.raises(ValueError, match="the data has 100"):
+        run_plan(doc, x[:100], y[:100])
+    assert cli.main(["train", "--plan", str(tmp_path / "n.json")]) == 2     # not a plan: one line

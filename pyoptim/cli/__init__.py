@@ -7,6 +7,7 @@
     pyoptim train --method sparse --init CKPT --task few_shot (--scheme S.json | --memory-budget 1MB)
     pyoptim search-scheme --init CKPT --task few_shot --memory-budget 1MB --tables T.json --out DIR
     pyoptim plan --nodes nodes.json --curves curves.json --target-loss 0.45 --deadline 10m
+    pyoptim train --plan runs/plan/plan.json
 
 ``train`` runs the Trainer (dense or with the PruneTrain plug-in) with a progress line (epoch,
 loss, accuracy, channels left, training FLOPs per sample, samples/s, ETA) and writes to the run

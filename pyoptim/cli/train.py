@@ -28,6 +28,17 @@ def add_arguments(t) -> None:
     t.add_argument("--compare-to", default=None, type=dense_report_arg, metavar="REPORT",
                    help="report.json of a dense run of the same recipe: the summary and the picture "
                         "set this run's training FLOPs, time and accuracy beside it")
+    t.add_argument("--plan", default=None, type=plan_arg, metavar="PLAN",
+                   help="plan.json of pyoptim plan: run it for real (one gloo process per node, "
+                        "ResNet-20 on Fashion-MNIST shards) and compare with the prediction")
+
+
+def plan_arg(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r} as JSON ({exc})") from None
 
 
 def dense_report_arg(path: str) -> Dict[str, Any]:
@@ -58,7 +69,48 @@ def check_same_recipe(args, dense: Dict[str, Any]) -> None:
                              f"is {theirs}, this run's is {mine} (the dense run must have the same recipe)")
 
 
+def run_plan_command(args) -> int:
+    """``pyoptim train --plan plan.json``: the plan run for real (pyoptim.pact.run)."""
+    import torch
+    from ..data import DatasetNotFoundError, load_fashion_mnist
+    from ..pact.draw import draw_run
+    from ..pact.run import run_plan
+    from ..report import write_json
+    doc = args.plan
+    if not isinstance(doc, dict) or not {"instance", "plan", "levels", "predicted"} <= set(doc):
+        print("pyoptim train: --plan: not a plan (pyoptim plan writes one: instance, plan, levels, "
+              "predicted)", file=sys.stderr)
+        return 2
+    try:
+        x, y = load_fashion_mnist("train", args.data_dir)
+    except DatasetNotFoundError as exc:
+        print(f"pyoptim train: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(x.shape[0], generator=g)
+    x = (x[order].float() / 255.0 - 0.2860) / 0.3530
+    doc = {**doc, "seed": args.seed, "lr": args.lr}
+    try:
+        result = run_plan(doc, x, y[order])
+    except ValueError as exc:
+        print(f"pyoptim train: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("runs", "pact-run")
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "report.json"), {"method": "pact", "plan": doc["plan"], **result})
+    pic = draw_run(result, os.path.join(out, "report.png"))
+    m, p = result["measured"], result["predicted"]
+    mid = result["rounds"][-1]["predicted_mid_loss"] if result["rounds"] else float("nan")
+    print(f"pact run: last round's mean loss {m['final_loss']:.4f} (predicted {mid:.4f} at its middle, "
+          f"{p['final_loss']:.4f} at its end), "
+          f"{m['seconds']:.2f} s and {m['energy']:.1f} J accounted (predicted {p['seconds']:.2f} s, "
+          f"{p['energy']:.1f} J)\nreport: {os.path.join(out, 'report.json')}\npicture: {pic}")
+    return 0
+
+
 def run(args) -> int:
+    if getattr(args, "plan", None) is not None:
+        return run_plan_command(args)
     if args.method is None:
         args.method = "dense" if args.budget else "prunetrain"
     check_sparse_options(args)

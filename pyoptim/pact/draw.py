@@ -7,7 +7,7 @@ from typing import Dict, Optional
 
 from .problem import Instance, simulate
 
-__all__ = ["draw_plan"]
+__all__ = ["draw_plan", "draw_run"]
 
 
 def draw_plan(instance: Instance, results: Dict[str, object], path: str) -> Optional[str]:
@@ -45,6 +45,34 @@ def draw_plan(instance: Instance, results: Dict[str, object], path: str) -> Opti
     bx.axhline(instance.deadline, color="red", lw=0.8, ls=":", label="deadline")
     bx.set(xlabel="round", ylabel="seconds", title="time spent")
     bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def draw_run(result: dict, path: str) -> Optional[str]:
+    """A plan run for real: measured against predicted loss per round, and the joules."""
+    from ..report import pyplot
+    plt = pyplot()
+    if plt is None:
+        return None
+    rows = result["rounds"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [r["round"] + 1 for r in rows]
+    ax.plot(xs, [r["predicted_loss"] for r in rows], "o--", label="predicted, end of the round")
+    ax.plot(xs, [r["predicted_mid_loss"] for r in rows], "o:", label="predicted, middle of the round")
+    ax.plot(xs, [r["loss"] for r in rows], "s-", label="measured (training loss of the round)")
+    ax.set(xlabel="round", ylabel="loss", title="PACT plan run for real")
+    ax.legend(fontsize=8)
+    cum, t = [], 0.0
+    for r in rows:
+        t += r["energy"]
+        cum.append(t)
+    bx.plot(xs, cum, "s-", label=f"accounted from the trained model's FLOPs: {t:.1f} J")
+    bx.axhline(result["predicted"]["energy"], color="black", ls=":", label="the plan's prediction")
+    bx.set(xlabel="round", ylabel="joules (cumulative)")
+    bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pyoptim import report  # noqa: E402
-from pyoptim.data import load_fashion_mnist  # noqa: E402
+from pyoptim.data import dataset_spec, load_fashion_mnist  # noqa: E402
 from pyoptim.models import resnet20  # noqa: E402
 from pyoptim.pact.levels import measure_levels, pruned_model  # noqa: E402
 from pyoptim.pact.loss import curve_error, fit_curve  # noqa: E402
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         p.error("--seeds: need two or more (the first is fitted, the others held back)")
     torch.set_num_threads(a.threads)
     xs, ys = load_fashion_mnist("train", a.data_dir)
-    xs = ((xs[:a.train_subset].float() / 255.0 - 0.2860) / 0.3530)
+    spec = dataset_spec("fashion-mnist")
+    xs = (xs[:a.train_subset].float() / 255.0 - spec.mean[0]) / spec.std[0]
     ys = ys[:a.train_subset]
     measured = measure_levels(lambda: resnet20(10, in_channels=1), a.keeps, (1, 28, 28), 10, reps=3)
     levels = []

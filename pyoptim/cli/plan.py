@@ -64,16 +64,14 @@ def _instance(args):
     from .run import build_model
     from ..pact import Instance, LossCurve, Node
     from ..pact.levels import measure_levels
+    from ..pact.problem import record_from_dict
     nodes_doc = args.nodes if isinstance(args.nodes, dict) else {"nodes": args.nodes}
-    nodes = []
-    for d in nodes_doc.get("nodes", []):
-        from ..pact.problem import _build
-        nodes.append(_build(Node, "node", d))
+    nodes = [record_from_dict(Node, "node", d) for d in nodes_doc.get("nodes", [])]
     curves = args.curves.get("curves", args.curves) if isinstance(args.curves, dict) else args.curves
     if not isinstance(curves, list) or len(curves) != len(args.keeps):
         raise ValueError(f"--curves: need one curve per keep ratio ({len(args.keeps)}), got "
                          f"{len(curves) if isinstance(curves, list) else curves!r}")
-    curves = [LossCurve(**c) for c in curves]
+    curves = [record_from_dict(LossCurve, "curve", c) for c in curves]
     shape = tuple(int(v) for v in args.input_shape.split(","))
     rows = measure_levels(lambda: build_model(args.model, args.num_classes, shape[0], 1.0), args.keeps,
                           shape, args.num_classes, reps=1)

@@ -72,7 +72,7 @@ def check_same_recipe(args, dense: Dict[str, Any]) -> None:
 def run_plan_command(args) -> int:
     """``pyoptim train --plan plan.json``: the plan run for real (pyoptim.pact.run)."""
     import torch
-    from ..data import DatasetNotFoundError, load_fashion_mnist
+    from ..data import DatasetNotFoundError, dataset_spec, load_fashion_mnist
     from ..pact.draw import draw_run
     from ..pact.run import run_plan
     from ..report import write_json
@@ -88,7 +88,8 @@ def run_plan_command(args) -> int:
         return 2
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(x.shape[0], generator=g)
-    x = (x[order].float() / 255.0 - 0.2860) / 0.3530
+    spec = dataset_spec("fashion-mnist")
+    x = (x[order].float() / 255.0 - spec.mean[0]) / spec.std[0]
     doc = {**doc, "seed": args.seed, "lr": args.lr}
     try:
         result = run_plan(doc, x, y[order])

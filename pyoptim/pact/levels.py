@@ -20,20 +20,24 @@ __all__ = ["pruned_model", "measure_levels"]
 
 
 def pruned_model(model: nn.Module, keep: float, example_input: torch.Tensor) -> nn.Module:
-    """``model`` (modified in place, and returned) after a reconfiguration that keeps the first
-    ``ceil(keep * size)`` channels (at least one) of every prunable channel group. The channels
-    kept are the first ones: the FLOPs and time of a level depend only on the counts."""
-    from ..prune import ChannelGraph, reconfigure
+    """``model`` after PruneTrain's reconfiguration keeping the ``ceil(keep * size)`` largest
+    channels (at least one; by :func:`pyoptim.prune.channel_magnitudes`) of every prunable
+    channel group: in place, and returned (use the returned one). The FLOPs and time of a level
+    depend only on the counts; a trained model keeps what matters most (:mod:`pyoptim.pact.run`
+    prunes with this in the planned rounds)."""
+    from ..prune import ChannelGraph, channel_magnitudes, reconfigure
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"pruned_model: keep must be in (0, 1], got {keep}")
     if keep == 1.0:
         return model
     graph = ChannelGraph(model, example_input)
+    mags = channel_magnitudes(graph, model)
     masks = {}
     for gi, g in enumerate(graph.groups):
         if g.prunable:
+            top = torch.argsort(mags[gi], descending=True, stable=True)[:max(1, math.ceil(keep * g.size))]
             m = torch.zeros(g.size, dtype=torch.bool)
-            m[:max(1, math.ceil(keep * g.size))] = True
+            m[top] = True
             masks[gi] = m
     model, _, _ = reconfigure(model, None, example_input, graph=graph, keep=masks, remove_dead=False,
                               report_flops=False)

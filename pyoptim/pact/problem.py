@@ -18,7 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["Node", "Level", "LossCurve", "Instance", "Plan", "Outcome", "round_cost", "simulate",
-           "check_plan", "InfeasibleError"]
+           "check_plan", "record_from_dict", "InfeasibleError"]
 
 
 class InfeasibleError(ValueError):
@@ -170,14 +170,17 @@ class Instance:
         missing = sorted(need - set(d))
         if missing:
             raise ValueError(f"instance: missing fields {missing}")
-        return cls(tuple(_build(Node, "node", n) for n in d["nodes"]),
-                   tuple(_build(Level, "level", v) for v in d["levels"]),
-                   tuple(_build(LossCurve, "curve", c) for c in d["curves"]),
+        return cls(tuple(record_from_dict(Node, "node", n) for n in d["nodes"]),
+                   tuple(record_from_dict(Level, "level", v) for v in d["levels"]),
+                   tuple(record_from_dict(LossCurve, "curve", c) for c in d["curves"]),
                    **{k: d[k] for k in need - {"nodes", "levels", "curves"}},
                    aggregation=d.get("aggregation", 0.0))
 
 
-def _build(cls, what: str, d) -> object:
+def record_from_dict(cls, what: str, d) -> object:
+    """``cls(**d)`` for a :class:`Node`, :class:`Level` or :class:`LossCurve` read from JSON,
+    with a one-line ``ValueError`` naming ``what`` (and its name) and the missing or unknown
+    fields."""
     if not isinstance(d, dict):
         raise ValueError(f"{what}: expected an object, got {d!r}")
     fields = cls.__dataclass_fields__

@@ -4,8 +4,8 @@ Fashion-MNIST, one ``torch.distributed`` process (gloo) per node, each with its 
 Every round, the chosen nodes train ``samples_per_round`` samples of their shard (capped by it)
 from the common model, then the models are averaged, weighted by the samples each trained
 (nodes not chosen weigh 0): FedAvg over an ``all_reduce``. A round that raises the level first
-reconfigures the model in every process alike (PruneTrain's in-process reconfiguration,
-:func:`pyoptim.prune.reconfigure`, keeping the largest channels of each group by magnitude; the
+reconfigures the model in every process alike (PruneTrain's in-process reconfiguration through
+:func:`pyoptim.pact.levels.pruned_model`, keeping the largest channels of each group; the
 processes hold the same weights, so they prune the same channels). The loss measured in a round
 is the mean training loss of its batches over the chosen nodes -- the quantity the loss curves
 were fitted to -- and is set beside the curve at the round's middle (``predicted_mid_loss``) as
@@ -15,7 +15,6 @@ model does.
 """
 from __future__ import annotations
 
-import math
 import os
 import socket
 from typing import Dict, List
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .levels import pruned_model
 from .problem import Instance, Level, Plan, round_cost
 
 __all__ = ["run_plan"]
@@ -33,23 +33,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _prune_to(model: nn.Module, keep: float, example: torch.Tensor) -> nn.Module:
-    from ..prune import ChannelGraph, channel_magnitudes, reconfigure
-    graph = ChannelGraph(model, example)
-    mags = channel_magnitudes(graph, model)
-    masks = {}
-    for gi, g in enumerate(graph.groups):
-        if g.prunable:
-            n = max(1, math.ceil(keep * g.size))
-            order = torch.argsort(mags[gi], descending=True, stable=True)[:n]
-            m = torch.zeros(g.size, dtype=torch.bool)
-            m[order] = True
-            masks[gi] = m
-    model, _, _ = reconfigure(model, None, example, graph=graph, keep=masks, remove_dead=False,
-                              report_flops=False)
-    return model
 
 
 def _average(model: nn.Module, weight: float, total: float) -> None:
@@ -78,7 +61,7 @@ def _worker(rank: int, world: int, port: int, doc: dict, x: torch.Tensor, y: tor
         level, rows, batch = 0, [], int(doc.get("batch_size", 32))
         for r, (nodes, lv) in enumerate(plan.rounds):
             if lv != level:
-                model, level = _prune_to(model, keeps[lv], x[:2]), lv
+                model, level = pruned_model(model, keeps[lv], x[:2]), lv
             chosen = rank in nodes
             loss_sum = torch.zeros(2, dtype=torch.float64)
             if chosen:

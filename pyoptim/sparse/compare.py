@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from .search import (SearchSpace, evaluations_to_reach, evolution_search, exact_search,
                      random_search)
 
-__all__ = ["compare_searches", "reach_target", "draw_search_curves", "curve_steps", "curve_from_steps"]
+__all__ = ["compare_searches", "reach_target", "draw_search_curves", "curve_steps", "curve_from_steps",
+           "run_curves"]
 
 
 def curve_steps(curve: Sequence[float]) -> List[List[float]]:

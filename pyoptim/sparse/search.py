@@ -75,11 +75,11 @@ class _Sampler:
         return [x if self.rng.random() < 0.5 else y for x, y in zip(a, b)]
 
     def repair(self, genes: _GENE) -> Optional[_GENE]:
-        """At most ``max_retries`` times while the expressed scheme is over budget, lowers one of
-        its genes by one step: ``k`` or the level of a layer in the window, picked with
-        probability proportional to the memory it costs (the bias gene: its cost above
-        ``k = 0``); latent levels are left alone. Returns the genome, or None when still over
-        budget after the cap."""
+        """At most ``max_retries`` times while the expressed scheme is over budget, lowers one
+        gene by one step: the level of a layer in the window, picked with probability
+        proportional to the memory it costs, or, once no weight in the window is left, ``k``;
+        latent levels are left alone. Returns the genome, or None when still over budget after
+        the cap."""
         space, genes = self.space, list(genes)
         order, wm, w = space._order, space.weight_memory, space._window[genes[0]]
         costs = [wm[order[i]][genes[1 + i] - 1] if i < w and genes[1 + i] else 0.0 for i in range(self.n)]

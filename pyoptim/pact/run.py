@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -42,7 +41,7 @@ def _average(model: nn.Module, weight: float, total: float) -> None:
 
 
 def _worker(rank: int, world: int, port: int, doc: dict, x: torch.Tensor, y: torch.Tensor,
-            out: dict) -> None:
+            queue) -> None:
     from ..flops import flops_per_sample
     from ..models import resnet20
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -87,17 +86,42 @@ def _worker(rank: int, world: int, port: int, doc: dict, x: torch.Tensor, y: tor
                 _, secs, joules = round_cost(real, nodes, 0)
                 rows.append({"round": r, "level": lv, "nodes": list(nodes), "loss": float(loss_sum[0] / loss_sum[1]),
                              "seconds": secs, "energy": joules, "train_flops_per_sample": train_flops})
-        if rank == 0:
-            out["rounds"] = rows
+        dist.barrier()                 # every rank is done before any tears the group down
+        queue.put((rank, rows if rank == 0 else None))
     finally:
         dist.destroy_process_group()
 
 
-def _entry(rank, world, port, doc, x, y, queue):
-    out: Dict[str, List] = {}
-    _worker(rank, world, port, doc, x, y, out)
-    if rank == 0:
-        queue.put(out)
+def _collect(context, queue, world: int) -> list:
+    """Rank 0's rows once every rank has reported its rounds done. A worker that fails before
+    that raises here (its error); one that dies while shutting down after reporting -- gloo's
+    teardown aborted a spawned process about one run in ten on this machine ("terminate called
+    without an active exception") -- leaves complete results and is reported as a warning."""
+    import queue as queue_mod
+    import warnings
+    done, rows = set(), None
+    while len(done) < world:
+        try:
+            rank, payload = queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            if any(p.exitcode not in (None, 0) for p in context.processes):
+                context.join()                       # raises the worker's error
+            if all(not p.is_alive() for p in context.processes):
+                break
+            continue
+        done.add(rank)
+        if rank == 0:
+            rows = payload
+    try:
+        context.join()
+    except Exception as exc:                         # noqa: BLE001 (torch's spawn errors)
+        if len(done) < world:
+            raise
+        warnings.warn(f"run_plan: a node process failed while shutting down, after finishing its "
+                      f"rounds; the results are complete ({str(exc).splitlines()[0]})")
+    if len(done) < world or rows is None:
+        raise RuntimeError(f"run_plan: only ranks {sorted(done)} of {world} finished their rounds")
+    return rows
 
 
 def run_plan(doc: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -110,12 +134,11 @@ def run_plan(doc: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
     need = sum(n.samples for n in inst.nodes)
     if x.shape[0] < need:
         raise ValueError(f"run_plan: the nodes hold {need} samples in all, the data has {x.shape[0]}")
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = mp.get_context("spawn").Queue()
     x, y = x[:need].contiguous(), y[:need].contiguous()      # only the shards travel
-    mp.start_processes(_entry, args=(len(inst.nodes), _free_port(), doc, x, y, queue),
-                       nprocs=len(inst.nodes), join=True, start_method="spawn")
-    rows = queue.get()["rounds"]
+    context = mp.start_processes(_worker, args=(len(inst.nodes), _free_port(), doc, x, y, queue),
+                                 nprocs=len(inst.nodes), join=False, start_method="spawn")
+    rows = _collect(context, queue, len(inst.nodes))
     pred = doc["predicted"]
     for row, before, loss in zip(rows, pred["losses"], pred["losses"][1:]):
         row["predicted_loss"] = loss

@@ -1,5 +1,6 @@
-"""PACT benchmark (issue 20, item 7, the solver parts): the DP over the time-expanded graph against
-the exact optimum, its cost against instance size, and its energy against the baselines.
+"""PACT benchmark (issue 20, item 7): the DP over the time-expanded graph against the exact optimum,
+its cost against instance size, its energy against the baselines, and plans run for real against
+their prediction.
 
   1. Optimality gap: --instances random small instances (3 nodes x 5 rounds x 3 levels, drawn by
      pyoptim.pact.instances.random_instance), the exact optimum by exhaustive search, and the DP at
@@ -11,10 +12,15 @@ the exact optimum, its cost against instance size, and its energy against the ba
   3. Energy against the baselines (no pruning, pruned once at the start, greedy, a random feasible
      plan) on larger instances (8 nodes x 12 rounds x 4 levels): each baseline's energy over the
      DP's, and how often it found a feasible plan.
+  4. Real runs (--real-runs N, bench/pact_real.py): N plans on the docs' example instance (measured
+     ResNet-20 levels, fitted curves) run for real in gloo processes; the measured loss of every
+     round against the predicted one, with the predictor's FedAvg exponent fitted on half the runs
+     and judged on the other half.
 
-Writes bench/results/<--name>_cpu.json and .png.
+--sections picks some of gap, sizes, baselines, real (default: all). Writes bench/results/<--name>_cpu.json and .png.
 
     python bench/bench_pact.py [--instances 60] [--granularities 2,4,8,16,32,64] [--size-instances 5]
+                               [--real-runs 8] [--sections gap,sizes,baselines,real]
     python bench/bench_pact.py --redraw bench/results/pact_cpu.json     # the picture again
 """
 from __future__ import annotations
@@ -110,14 +116,39 @@ def baselines(a) -> dict:
     return out
 
 
+def real(a) -> dict:
+    import pact_real
+    return pact_real.real_runs(a.real_runs, a.real_rounds, a.real_samples)
+
+
+SECTIONS = {"gap": gaps, "sizes": sizes, "baselines": baselines, "real": real}
+
+
 def draw(res: dict, path: str):
     plt = report.pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+    shown = [k for k in SECTIONS if k in res]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.4 * len(shown), 4.3), squeeze=False)
+    panels = dict(zip(shown, axes[0]))
+    if "gap" in panels:
+        _draw_gap(panels["gap"], res)
+    if "sizes" in panels:
+        _draw_sizes(panels["sizes"], res)
+    if "baselines" in panels:
+        _draw_baselines(panels["baselines"], res)
+    if "real" in panels:
+        import pact_real
+        pact_real.draw_panel(panels["real"], res["real"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _draw_gap(ax, res: dict) -> None:
     g = res["gap"]["by_granularity"]
     xs = [int(k) for k in g]
-    ax = axes[0]
     ax.plot(xs, [100 * g[k]["mean_gap"] for k in g], "o-", label="mean")
     ax.plot(xs, [100 * g[k]["max_gap"] for k in g], "s--", label="max")
     ax.set_xscale("log", base=2)
@@ -125,7 +156,9 @@ def draw(res: dict, path: str):
     ax.set(xlabel="buckets (loss = time)", ylabel="energy over the optimum (%)",
            title=f"optimality gap, {res['gap']['instances']} instances 3x5x3")
     ax.legend()
-    ax = axes[1]
+
+
+def _draw_sizes(ax, res: dict) -> None:
     for what, rows in res["sizes"].items():
         ax.plot([r["value"] for r in rows], [r["adp_median_s"] for r in rows], "o-", label=f"DP, {what}")
         ex = [(r["value"], r["exact_median_s"]) for r in rows if r["exact_median_s"] is not None]
@@ -137,7 +170,9 @@ def draw(res: dict, path: str):
     ax.set(yscale="log", xlabel="size (one grown from 3 nodes x 5 rounds x 3 levels)",
            ylabel="solver seconds (median)", title=f"solver time, {res['config']['default']} buckets")
     ax.legend(fontsize=7)
-    ax = axes[2]
+
+
+def _draw_baselines(ax, res: dict) -> None:
     b = res["baselines"]["baselines"]
     names = list(b)
     ax.bar(names, [b[k]["median_energy_over_pact"] or 0 for k in names])
@@ -146,10 +181,6 @@ def draw(res: dict, path: str):
                 ha="center", fontsize=8)
     ax.axhline(1.0, color="black", lw=1)
     ax.set(ylabel="energy / PACT's (median)", title=f"baselines, {res['baselines']['instances']} instances 8x12x4")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def main(argv=None) -> int:
@@ -161,6 +192,11 @@ def main(argv=None) -> int:
     p.add_argument("--size-instances", type=int, default=5)
     p.add_argument("--exact-limit", type=int, default=3_000_000)
     p.add_argument("--baseline-instances", type=int, default=20)
+    p.add_argument("--real-runs", type=int, default=8)
+    p.add_argument("--real-rounds", type=int, default=6, help="the real runs' horizon")
+    p.add_argument("--real-samples", type=int, default=600, help="the real runs' samples per node and round")
+    p.add_argument("--sections", default="gap,sizes,baselines,real",
+                   type=lambda s: [v.strip() for v in s.split(",") if v.strip()])
     p.add_argument("--name", default="pact")
     p.add_argument("--out-dir", default=bu.RESULTS_DIR)
     p.add_argument("--redraw", default=None, help="only redraw the picture of this results JSON")
@@ -171,8 +207,15 @@ def main(argv=None) -> int:
         return 0
     if a.instances < 1 or a.size_instances < 1 or a.baseline_instances < 1 or not a.granularities:
         p.error("need at least one instance of each kind and one granularity")
+    bad = sorted(set(a.sections) - set(SECTIONS))
+    if bad or not a.sections:
+        p.error(f"--sections: choose among {','.join(SECTIONS)} (got {bad or 'none'})")
+    if "real" in a.sections and a.real_runs < 2:
+        p.error("--real-runs: need 2 at least (one fitted, one held back), or leave out the section real")
     t0 = time.perf_counter()
-    res = {"config": vars(a), "gap": gaps(a), "sizes": sizes(a), "baselines": baselines(a)}
+    res = {"config": vars(a)}
+    for name in a.sections:
+        res[name] = SECTIONS[name](a)
     res["wall_s"] = time.perf_counter() - t0
     res.update(report.environment(torch.device("cpu")))
     path = report.write_result(a.name, torch.device("cpu"), res, a.out_dir)

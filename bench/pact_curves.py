@@ -4,7 +4,8 @@ from scratch with several seeds; the training loss against samples seen is fitte
 power law (pyoptim.pact.loss.fit_curve) on the first seed's curve, and the fit's error is measured
 on the curves of the other seeds, held back from the fit.
 
-Also writes --curves-out (one LossCurve per level, for `pyoptim plan --curves`). Writes
+Also writes --curves-out (one LossCurve per level and the training recipe, for `pyoptim plan
+--curves`). Writes
 bench/results/<--name>_cpu.json and .png (measured and fitted curves per level).
 
     python bench/pact_curves.py [--keeps 1,0.75,0.5] [--seeds 0,1] [--train-subset 10000]
@@ -32,11 +33,14 @@ from pyoptim.pact.levels import measure_levels, pruned_model  # noqa: E402
 from pyoptim.pact.loss import curve_error, fit_curve  # noqa: E402
 
 
+WEIGHT_DECAY = 5e-4
+
+
 def train_curve(keep: float, seed: int, x: torch.Tensor, y: torch.Tensor, a) -> dict:
     """The training loss, averaged over windows of ``a.window`` steps, against samples seen."""
     torch.manual_seed(seed)
     model = pruned_model(resnet20(10, in_channels=1), keep, x[:2])
-    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=WEIGHT_DECAY)
     g = torch.Generator().manual_seed(seed)
     samples, losses, window, seen = [], [], [], 0
     t0 = time.perf_counter()
@@ -123,7 +127,9 @@ def main(argv=None) -> int:
     pic = draw(res, path[:-5] + ".png")
     if a.curves_out:
         with open(a.curves_out, "w") as f:
-            json.dump([lv["fit"] for lv in levels], f, indent=1)
+            json.dump({"curves": [lv["fit"] for lv in levels], "keeps": a.keeps,
+                       "recipe": {"model": "resnet20", "batch_size": a.batch_size, "lr": a.lr,
+                                  "weight_decay": WEIGHT_DECAY, "momentum": 0.9}}, f, indent=1)
     print(f"results: {path}\npicture: {pic}")
     return 0
 

@@ -231,13 +231,35 @@ def _bench(name, args, tmp_path):
 
 def test_bench_pact_smoke(tmp_path):
     _bench("bench_pact.py", ["--instances", "3", "--granularities", "4,32", "--size-instances", "1",
-                             "--baseline-instances", "2", "--exact-limit", "100000", "--name", "p"], tmp_path)
+                             "--baseline-instances", "2", "--exact-limit", "100000", "--name", "p",
+                             "--sections", "gap,sizes,baselines"], tmp_path)
     res = json.loads((tmp_path / "p_cpu.json").read_text())
     assert (tmp_path / "p_cpu.png").exists()
     g = res["gap"]["by_granularity"]
     assert set(g) == {"4", "32"} and all(v >= -1e-12 for k in g for v in g[k]["gaps"])
     assert set(res["sizes"]) == {"n_nodes", "rounds", "n_levels"}
     assert set(res["baselines"]["baselines"]) == {"no_pruning", "prune_once", "greedy", "random"}
+
+
+def test_bench_pact_real_runs_smoke(tmp_path):
+    """Two plans of the docs' example run for real (one round, few samples): the measured loss of
+    each round sits beside its prediction, beta is fitted within [0, 1] on one run and judged on
+    the other, and seconds and joules accounted from the trained model equal the plan's."""
+    from pyoptim.data import DatasetNotFoundError, load_fashion_mnist
+    try:
+        load_fashion_mnist("train")
+    except DatasetNotFoundError as exc:
+        pytest.skip(f"Fashion-MNIST is not installed: {str(exc).splitlines()[0]}")
+    _bench("bench_pact.py", ["--sections", "real", "--real-runs", "2", "--real-rounds", "2",
+                             "--real-samples", "64", "--name", "r"], tmp_path)
+    res = json.loads((tmp_path / "r_cpu.json").read_text())["real"]
+    assert (tmp_path / "r_cpu.png").exists() and set(res) >= {"runs", "fedavg_exponent", "held_back"}
+    assert 0.0 <= res["fedavg_exponent"] <= 1.0 and len(res["runs"]) == 2
+    for run in res["runs"]:
+        assert len(run["measured"]) == len(run["predicted_beta0"]) == len(run["plan"]["rounds"])
+        assert all(math.isfinite(v) and v > 0 for v in run["measured"])
+        (ms, ps), (me, pe) = run["seconds_measured_predicted"], run["energy_measured_predicted"]
+        assert ms == pytest.approx(ps, rel=1e-9) and me == pytest.approx(pe, rel=1e-9)
 
 
 def test_pact_curves_smoke(tmp_path):
@@ -253,37 +275,182 @@ def test_pact_curves_smoke(tmp_path):
     for lv in res["levels"]:
         assert len(lv["curves"]) == 2 and len(lv["held_back"]) == 1 and lv["held_back_mean_rel"] >= 0
         LossCurve(**lv["fit"])
-    assert len(json.loads((tmp_path / "c.json").read_text())) == 2
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert len(out["curves"]) == 2 and out["keeps"] == [1.0, 0.5] and out["recipe"]["batch_size"] == 64
 
 
 def test_a_plan_runs_for_real_in_gloo_processes(tmp_path):
-    """Two node processes, a level change in the second round: the accounted seconds and joules
-    come from the model really trained and equal the plan's (same FLOPs, same bytes), the
-    measured loss is finite for every round, and the report pairs it with the predicted one."""
+    """Two node processes, the level raised twice (1 -> 0.75 -> 0.5) and node b left out of one
+    round: the accounted seconds and joules come from the model really trained and equal the
+    plan's (same FLOPs, same bytes: the second pruning keeps 0.5 of the unpruned channels, not
+    0.5 of 0.75), the measured loss is finite for every round, and the report pairs it with the
+    predicted one."""
     import torch
     from pyoptim import cli
     from pyoptim.pact.run import run_plan
     nodes = {"nodes": [{"name": "a", "flops": 1e11, "power": 10.0, "samples": 96, "bandwidth": 1e7},
                        {"name": "b", "flops": 5e10, "power": 3.0, "samples": 64, "bandwidth": 1e7}]}
     (tmp_path / "n.json").write_text(json.dumps(nodes))
-    (tmp_path / "c.json").write_text(json.dumps([{"scale": 2.0, "power": 0.5, "floor": 0.2, "offset": 1.0}] * 2))
+    (tmp_path / "c.json").write_text(json.dumps([{"scale": 2.0, "power": 0.5, "floor": 0.2, "offset": 1.0}] * 3))
     assert cli.main(["plan", "--nodes", str(tmp_path / "n.json"), "--curves", str(tmp_path / "c.json"),
-                     "--keeps", "1,0.5", "--initial-loss", "2.3", "--target-loss", "0.45", "--deadline", "1m",
-                     "--rounds", "3", "--samples-per-round", "32", "--out", str(tmp_path / "p")]) == 0
+                     "--keeps", "1,0.75,0.5", "--initial-loss", "2.3", "--target-loss", "0.45",
+                     "--deadline", "1m", "--rounds", "4", "--samples-per-round", "32",
+                     "--out", str(tmp_path / "p")]) == 0
     doc = json.loads((tmp_path / "p" / "plan.json").read_text())
-    doc["plan"] = {"rounds": [{"nodes": [0, 1], "level": 0}, {"nodes": [0], "level": 1}]}
+    assert doc["model"] == "resnet20"
+    doc["plan"] = {"rounds": [{"nodes": [0, 1], "level": 0}, {"nodes": [0], "level": 1},
+                              {"nodes": [0, 1], "level": 2}]}
     inst = Instance.from_dict(doc["instance"])
     out = simulate(inst, Plan.from_dict(doc["plan"]))
     doc["predicted"] = out.to_dict()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 1, 28, 28, generator=g), torch.randint(0, 10, (200,), generator=g)
     res = run_plan({**doc, "batch_size": 16}, x, y)
-    assert [r["level"] for r in res["rounds"]] == [0, 1]
+    assert [r["level"] for r in res["rounds"]] == [0, 1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in res["rounds"])
+    assert [r["train_flops_per_sample"] for r in res["rounds"]] == [lv.flops_per_sample for lv in inst.levels]
     assert res["measured"]["energy"] == pytest.approx(out.energy, rel=1e-9)
     assert res["measured"]["seconds"] == pytest.approx(out.seconds, rel=1e-9)
     assert [r["predicted_loss"] for r in res["rounds"]] == out.losses[1:]
-    assert res["rounds"][1]["train_flops_per_sample"] < res["rounds"][0]["train_flops_per_sample"]
     with pytest.raises(ValueError, match="the data has 100"):
         run_plan(doc, x[:100], y[:100])
     assert cli.main(["train", "--plan", str(tmp_path / "n.json")]) == 2     # not a plan: one line
+
+
+def _one_rank_group():
+    import torch.distributed as dist
+    from pyoptim.pact.run import _free_port
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def test_pact_plugin_in_a_trainer_prunes_in_the_planned_rounds_and_keeps_momentum():
+    """The plug-in in one process (a group of one rank): the model is pruned when the plan raises
+    the level, through the trainer's replace_model, with the optimizer's momentum compacted (not
+    reset); every round's loss is the trainer's own. (A node left out of a round: the two-process
+    test above.)"""
+    import torch
+    import torch.distributed as dist
+    from pyoptim.models import resnet20
+    from pyoptim.pact.plugin import PactPlugin, RoundShard
+    from pyoptim.train import Trainer
+    torch.manual_seed(0)
+    node = Node("solo", 1e11, 10.0, 48, 1e7)
+    x, y = torch.randn(48, 1, 12, 12), torch.randint(0, 10, (48,))
+    sizes = []
+    from pyoptim.pact.levels import measure_levels
+    rows = measure_levels(lambda: resnet20(10, in_channels=1), [1.0, 0.5], (1, 12, 12), 10, batch_size=4, reps=1)
+    inst = Instance((node,), tuple(r["level"] for r in rows), (LossCurve(2.0, 0.5, 0.2),) * 2, 4, 32,
+                    2.3, 1.0, 100.0)
+    plan = Plan([((0,), 0), ((0,), 0), ((0,), 1)])
+    _one_rank_group()
+    try:
+        model = resnet20(10, in_channels=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        plugin = PactPlugin(inst, plan, [1.0, 0.5], x[:2], rank=0)
+
+        class Watch:
+            def on_epoch_start(self, trainer, epoch):
+                sizes.append(sum(p.numel() for p in trainer.model.parameters()))
+                if epoch == 2:
+                    assert any("momentum_buffer" in st for st in trainer.optimizer.state.values())
+
+        shard = RoundShard(x, y, 32, 8, [0, 1, 2])
+        hist = Trainer(model, opt, shard, plugins=[plugin, Watch()], ddp=False, max_epochs=3,
+                       log_every=0, progress=False).fit()
+    finally:
+        dist.destroy_process_group()
+    assert sizes[0] == sizes[1] > sizes[2] == rows[1]["parameters"]
+    assert [r["train_flops_per_sample"] for r in plugin.rows] == [rows[0]["train_flops_per_sample"]] * 2 \
+        + [rows[1]["train_flops_per_sample"]]
+    assert hist["samples"] == [32, 32, 32]
+    assert hist["pact_loss"] == pytest.approx(hist["loss"])
+    with pytest.raises(ValueError, match="take must be in 1..48"):
+        RoundShard(x, y, 49, 8, [0])
+    with pytest.raises(ValueError, match="one keep ratio per level"):
+        PactPlugin(inst, plan, [1.0], x[:2], rank=0)
+
+
+def test_trainer_refuses_an_empty_epoch_unless_the_loader_allows_it():
+    import torch
+    from pyoptim.train import Trainer
+
+    class Empty(list):
+        pass
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="yielded no batch"):
+        Trainer(model, opt, Empty(), ddp=False, log_every=0, progress=False).fit()
+    ok = Empty()
+    ok.empty_epochs_ok = True
+    hist = Trainer(model, opt, ok, ddp=False, log_every=0, progress=False).fit()
+    assert hist["samples"] == [0]
+
+
+def test_fedavg_exponent_shrinks_what_a_round_of_several_nodes_advances():
+    """beta = 0 counts every sample of the round, beta = 1 one node's worth (here the two nodes
+    train alike); it survives the JSON round trip and is range-checked."""
+    a = Node("a", 1e11, 10.0, 100, 1e7)
+    b = Node("b", 1e11, 10.0, 100, 1e7)
+    lv = (Level("full", 1e8, 1e6),)
+    base = Instance((a, b), lv, (LossCurve(2.0, 0.5, 0.2),), 3, 50, 2.3, 1.0, 100.0)
+    half = Instance.from_dict({**base.to_dict(), "fedavg_exponent": 1.0})
+    assert half.fedavg_exponent == 1.0 and Instance.from_dict(half.to_dict()) == half
+    s0, t0, e0 = round_cost(base, (0, 1), 0)
+    s1, t1, e1 = round_cost(half, (0, 1), 0)
+    assert (s0, s1) == (100.0, 50.0) and (t0, e0) == (t1, e1)
+    assert round_cost(half, (0,), 0)[0] == 50.0                 # one node: nothing averaged away
+    assert simulate(half, Plan([((0, 1), 0)])).losses[1] > simulate(base, Plan([((0, 1), 0)])).losses[1]
+    with pytest.raises(ValueError, match="fedavg_exponent must be in"):
+        Instance.from_dict({**base.to_dict(), "fedavg_exponent": 1.5})
+
+
+def test_a_plan_runs_under_torchrun_and_the_plan_options_are_checked(tmp_path):
+    """``torchrun --nproc-per-node 2 -m pyoptim.cli train --plan``: each rank trains its node in
+    the group torchrun made, rank 0 writes the report (accounting equal to the plan's); a wrong
+    rank count and a bad --fedavg-exponent get one line."""
+    import os
+    import subprocess
+    import sys
+    from pyoptim import cli
+    from pyoptim.data import DatasetNotFoundError, load_fashion_mnist
+    try:
+        load_fashion_mnist("train")
+    except DatasetNotFoundError as exc:
+        pytest.skip(f"Fashion-MNIST is not installed: {str(exc).splitlines()[0]}")
+    nodes = {"nodes": [{"name": "a", "flops": 1e11, "power": 10.0, "samples": 96, "bandwidth": 1e7},
+                       {"name": "b", "flops": 5e10, "power": 3.0, "samples": 64, "bandwidth": 1e7}]}
+    (tmp_path / "n.json").write_text(json.dumps(nodes))
+    (tmp_path / "c.json").write_text(json.dumps([{"scale": 2.0, "power": 0.5, "floor": 0.2, "offset": 1.0}] * 2))
+    args = ["plan", "--nodes", str(tmp_path / "n.json"), "--curves", str(tmp_path / "c.json"), "--keeps", "1,0.5",
+            "--initial-loss", "2.3", "--target-loss", "1.5", "--deadline", "1m", "--rounds", "3",
+            "--samples-per-round", "32", "--out", str(tmp_path / "p")]
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--fedavg-exponent", "1.5"])
+    assert cli.main(args + ["--fedavg-exponent", "0.5"]) == 0
+    doc = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert doc["instance"]["fedavg_exponent"] == 0.5
+    doc["plan"] = {"rounds": [{"nodes": [0, 1], "level": 0}, {"nodes": [1], "level": 1}]}
+    doc["predicted"] = simulate(Instance.from_dict(doc["instance"]), Plan.from_dict(doc["plan"])).to_dict()
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(n, out):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                               "--master-port", str(_free_port()), "-m", "pyoptim.cli", "train", "--plan",
+                               str(tmp_path / "plan.json"), "--out", str(out)],
+                              capture_output=True, text=True, env=env, timeout=300)
+    ok = torchrun(2, tmp_path / "run")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [r["nodes"] for r in rep["rounds"]] == [[0, 1], [1]]
+    assert rep["measured"]["energy"] == pytest.approx(doc["predicted"]["energy"], rel=1e-9)
+    bad = torchrun(1, tmp_path / "bad")
+    assert bad.returncode != 0 and "the plan has 2 nodes, the process group 1 ranks" in bad.stderr
+
+
+def _free_port():
+    from pyoptim.pact.run import _free_port as free
+    return free()

@@ -3,13 +3,17 @@ pruning level, to reach a loss target before a deadline at the least energy (doc
 
     pyoptim plan --nodes nodes.json --curves curves.json --model resnet20 --keeps 1,0.75,0.5
                  --target-loss 0.45 --deadline 10m [--rounds 10] [--samples-per-round 1000]
-                 [--loss-buckets 32] [--time-buckets 32] [--out DIR]
+                 [--fedavg-exponent 0] [--loss-buckets 32] [--time-buckets 32] [--out DIR]
 
 ``nodes.json``: ``{"nodes": [{"name", "flops", "power", "samples", "bandwidth", "latency",
 "comm_power"}, ...], "aggregation": seconds}``. ``curves.json``: one ``{"scale", "power",
 "floor", "offset"}`` per keep ratio (:class:`pyoptim.pact.LossCurve`). The levels are measured
 here: each keep ratio's model as PruneTrain's reconfiguration yields it, its training FLOPs per
-sample (torch's flop counter) and bytes. Writes ``DIR/plan.json`` (the instance, the plan, its
+sample (torch's flop counter) and bytes. ``curves.json`` may also be ``{"curves": [...],
+"keeps": [...], "recipe": {"batch_size", "lr", "weight_decay", "momentum"}}`` (what
+``bench/pact_curves.py --curves-out`` writes): the keeps must then be ``--keeps``, and the
+recipe goes into the plan, as the one ``pyoptim train --plan`` trains with (the curves predict
+that recipe's loss; default: bench/pact_curves.py's). Writes ``DIR/plan.json`` (the instance, the plan, its
 predicted loss, time and energy, the baselines) and ``DIR/plan.png`` (the path through the
 time-expanded graph). A node file with missing fields, an unreachable target or a deadline no
 plan meets gets one line.
@@ -23,6 +27,9 @@ import sys
 
 from .options import comma_list, duration_arg, number
 
+#: the training recipe a plan's run uses when its curves file names none: bench/pact_curves.py's
+DEFAULT_RECIPE = {"batch_size": 64, "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9}
+
 HELP = "plan pruning and node selection per round for a loss target and a deadline (PACT)"
 
 
@@ -31,6 +38,16 @@ def _keeps(text: str):
     if keeps[0] != 1.0 or any(not 0 < k <= 1 for k in keeps) or keeps != sorted(set(keeps), reverse=True):
         raise argparse.ArgumentTypeError(f"must start at 1 and decrease within (0, 1], got {text!r}")
     return keeps
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return v
 
 
 def _json_file(text: str):
@@ -55,6 +72,9 @@ def add_arguments(t) -> None:
     t.add_argument("--deadline", type=duration_arg, required=True, help="e.g. 90s, 10m")
     t.add_argument("--rounds", type=number(int, 1), default=10)
     t.add_argument("--samples-per-round", type=number(int, 1), default=1000)
+    t.add_argument("--fedavg-exponent", type=_unit_interval, default=0.0,
+                   help="beta in [0, 1]: a round of k nodes advances the loss curve by its samples / k**beta "
+                        "(0: every sample counts; bench/bench_pact.py fits it from real runs)")
     t.add_argument("--loss-buckets", type=number(int, 1), default=32)
     t.add_argument("--time-buckets", type=number(int, 1), default=32)
     t.add_argument("--out", default="runs/plan")
@@ -68,6 +88,10 @@ def _instance(args):
     nodes_doc = args.nodes if isinstance(args.nodes, dict) else {"nodes": args.nodes}
     nodes = [record_from_dict(Node, "node", d) for d in nodes_doc.get("nodes", [])]
     curves = args.curves.get("curves", args.curves) if isinstance(args.curves, dict) else args.curves
+    fitted_keeps = args.curves.get("keeps") if isinstance(args.curves, dict) else None
+    if fitted_keeps is not None and [float(k) for k in fitted_keeps] != list(args.keeps):
+        raise ValueError(f"--curves: its curves were fitted at keeps {fitted_keeps}, --keeps is "
+                         f"{','.join(f'{k:g}' for k in args.keeps)}")
     if not isinstance(curves, list) or len(curves) != len(args.keeps):
         raise ValueError(f"--curves: need one curve per keep ratio ({len(args.keeps)}), got "
                          f"{len(curves) if isinstance(curves, list) else curves!r}")
@@ -78,7 +102,8 @@ def _instance(args):
     initial = args.initial_loss if args.initial_loss is not None else curves[0].at(0.0)
     return Instance(tuple(nodes), tuple(r["level"] for r in rows), tuple(curves), args.rounds,
                     args.samples_per_round, initial, args.target_loss, args.deadline,
-                    aggregation=float(nodes_doc.get("aggregation", 0.0))), rows
+                    aggregation=float(nodes_doc.get("aggregation", 0.0)),
+                    fedavg_exponent=args.fedavg_exponent), rows
 
 
 def run(args) -> int:
@@ -96,7 +121,10 @@ def run(args) -> int:
         return 2
     os.makedirs(args.out, exist_ok=True)
     best = results["adp"]
-    doc = {"instance": instance.to_dict(), "levels": [{k: v for k, v in r.items() if k != "level"} for r in rows],
+    recipe = args.curves.get("recipe") if isinstance(args.curves, dict) else None
+    doc = {"model": args.model, "num_classes": args.num_classes, "input_shape": args.input_shape,
+           "recipe": dict(recipe or DEFAULT_RECIPE),
+           "instance": instance.to_dict(), "levels": [{k: v for k, v in r.items() if k != "level"} for r in rows],
            "plan": best.plan.to_dict(instance), "predicted": best.outcome.to_dict(),
            "methods": {k: r.to_dict(instance) for k, r in results.items()}}
     write_json(os.path.join(args.out, "plan.json"), doc)

@@ -29,8 +29,9 @@ def add_arguments(t) -> None:
                    help="report.json of a dense run of the same recipe: the summary and the picture "
                         "set this run's training FLOPs, time and accuracy beside it")
     t.add_argument("--plan", default=None, type=plan_arg, metavar="PLAN",
-                   help="plan.json of pyoptim plan: run it for real (one gloo process per node, "
-                        "ResNet-20 on Fashion-MNIST shards) and compare with the prediction")
+                   help="plan.json of pyoptim plan: run it for real (one gloo process per node, or "
+                        "one per torchrun rank; the plan's model on Fashion-MNIST shards, trained with "
+                        "the plan's recipe) and compare with the prediction")
 
 
 def plan_arg(path: str) -> Dict[str, Any]:
@@ -71,28 +72,38 @@ def check_same_recipe(args, dense: Dict[str, Any]) -> None:
 
 def run_plan_command(args) -> int:
     """``pyoptim train --plan plan.json``: the plan run for real (pyoptim.pact.run)."""
-    import torch
-    from ..data import DatasetNotFoundError, dataset_spec, load_fashion_mnist
+    from ..data import DatasetNotFoundError
     from ..pact.draw import draw_run
-    from ..pact.run import run_plan
+    from ..pact.run import load_plan_data, run_plan, run_plan_in_group
     from ..report import write_json
     doc = args.plan
     if not isinstance(doc, dict) or not {"instance", "plan", "levels", "predicted"} <= set(doc):
         print("pyoptim train: --plan: not a plan (pyoptim plan writes one: instance, plan, levels, "
               "predicted)", file=sys.stderr)
         return 2
+    if str(doc.get("input_shape", "1,28,28")).replace(" ", "") != "1,28,28":
+        print(f"pyoptim train: --plan: the plan is for inputs {doc['input_shape']}, the run trains on "
+              f"Fashion-MNIST (1,28,28)", file=sys.stderr)
+        return 2
     try:
-        x, y = load_fashion_mnist("train", args.data_dir)
+        x, y = load_plan_data(args.seed, args.data_dir)
     except DatasetNotFoundError as exc:
         print(f"pyoptim train: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(x.shape[0], generator=g)
-    spec = dataset_spec("fashion-mnist")
-    x = (x[order].float() / 255.0 - spec.mean[0]) / spec.std[0]
-    doc = {**doc, "seed": args.seed, "lr": args.lr}
+    doc = {**doc, "seed": args.seed}          # the recipe is the plan's: its curves predict that one
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= set(os.environ)
     try:
-        result = run_plan(doc, x, y[order])
+        if under_torchrun:
+            import torch.distributed as dist
+            dist.init_process_group("gloo")
+            try:
+                result = run_plan_in_group(doc, x, y)
+            finally:
+                dist.destroy_process_group()
+            if result is None:             # not rank 0: rank 0 writes the report
+                return 0
+        else:
+            result = run_plan(doc, x, y)
     except ValueError as exc:
         print(f"pyoptim train: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -9,37 +9,55 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .problem import Level
 
-__all__ = ["pruned_model", "measure_levels"]
+__all__ = ["pruned_model", "group_sizes", "measure_levels"]
 
 
-def pruned_model(model: nn.Module, keep: float, example_input: torch.Tensor) -> nn.Module:
+def group_sizes(model: nn.Module, example_input: torch.Tensor) -> List[int]:
+    """The channel count of every prunable channel group of ``model``, in
+    :class:`pyoptim.prune.ChannelGraph` order (0 for the groups that cannot be pruned): the
+    ``reference`` of :func:`pruned_model`."""
+    from ..prune import ChannelGraph
+    return [g.size if g.prunable else 0 for g in ChannelGraph(model, example_input).groups]
+
+
+def pruned_model(model: nn.Module, keep: float, example_input: torch.Tensor,
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 reference: Optional[Sequence[int]] = None) -> nn.Module:
     """``model`` after PruneTrain's reconfiguration keeping the ``ceil(keep * size)`` largest
     channels (at least one; by :func:`pyoptim.prune.channel_magnitudes`) of every prunable
-    channel group: in place, and returned (use the returned one). The FLOPs and time of a level
-    depend only on the counts; a trained model keeps what matters most (:mod:`pyoptim.pact.run`
-    prunes with this in the planned rounds)."""
+    channel group: in place, and returned (use the returned one). ``size`` is the group's size in
+    ``reference`` (:func:`group_sizes` of the unpruned model: so that a model pruned to 0.75 and
+    then to 0.5 has the channels of one pruned to 0.5 at once), else its present size. An
+    ``optimizer`` over the model has its parameters and state (momentum) compacted alike. The
+    FLOPs and time of a level depend only on the counts; a trained model keeps what matters most
+    (:mod:`pyoptim.pact.plugin` prunes with this in the planned rounds)."""
     from ..prune import ChannelGraph, channel_magnitudes, reconfigure
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"pruned_model: keep must be in (0, 1], got {keep}")
-    if keep == 1.0:
-        return model
     graph = ChannelGraph(model, example_input)
+    if reference is not None and len(reference) != len(graph.groups):
+        raise ValueError(f"pruned_model: reference has {len(reference)} group sizes, the model "
+                         f"{len(graph.groups)} channel groups (not the same architecture)")
+    sizes = [g.size for g in graph.groups] if reference is None else list(reference)
     mags = channel_magnitudes(graph, model)
     masks = {}
     for gi, g in enumerate(graph.groups):
-        if g.prunable:
-            top = torch.argsort(mags[gi], descending=True, stable=True)[:max(1, math.ceil(keep * g.size))]
+        count = min(g.size, max(1, math.ceil(keep * sizes[gi] - 1e-9)))
+        if g.prunable and count < g.size:
+            top = torch.argsort(mags[gi], descending=True, stable=True)[:count]
             m = torch.zeros(g.size, dtype=torch.bool)
             m[top] = True
             masks[gi] = m
-    model, _, _ = reconfigure(model, None, example_input, graph=graph, keep=masks, remove_dead=False,
+    if not masks:
+        return model
+    model, _, _ = reconfigure(model, optimizer, example_input, graph=graph, keep=masks, remove_dead=False,
                               report_flops=False)
     return model
 

@@ -122,7 +122,11 @@ class Instance:
     """Nodes, levels (in the order pruning goes: level ``j + 1`` prunes more than ``j``), one loss
     curve per level, ``rounds`` (the horizon), ``samples_per_round`` (what a node trains each
     round it is chosen, capped by its local data), ``initial_loss``, ``target_loss``,
-    ``deadline`` (s) and ``aggregation`` (s the aggregator takes each round)."""
+    ``deadline`` (s), ``aggregation`` (s the aggregator takes each round) and
+    ``fedavg_exponent`` (``beta`` in ``[0, 1]``: a round in which ``k`` nodes train ``S``
+    samples in all and are then averaged advances the loss curve as ``S / k ** beta`` samples of
+    one process would; 0 counts every sample, 1 only one node's worth. Fitted from real runs by
+    ``bench/bench_pact.py``)."""
 
     nodes: Tuple[Node, ...]
     levels: Tuple[Level, ...]
@@ -133,6 +137,7 @@ class Instance:
     target_loss: float
     deadline: float
     aggregation: float = 0.0
+    fedavg_exponent: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "nodes", tuple(self.nodes))
@@ -150,6 +155,10 @@ class Instance:
         for f in ("initial_loss", "target_loss", "deadline"):
             object.__setattr__(self, f, _positive("instance", f, getattr(self, f)))
         object.__setattr__(self, "aggregation", _positive("instance", "aggregation", self.aggregation, True))
+        beta = _positive("instance", "fedavg_exponent", self.fedavg_exponent, True)
+        if beta > 1.0:
+            raise ValueError(f"instance: fedavg_exponent must be in [0, 1], got {self.fedavg_exponent!r}")
+        object.__setattr__(self, "fedavg_exponent", beta)
         if self.target_loss >= self.initial_loss:
             raise ValueError(f"instance: target_loss {self.target_loss} must be below initial_loss "
                              f"{self.initial_loss}")
@@ -161,7 +170,8 @@ class Instance:
         return {"nodes": [asdict(n) for n in self.nodes], "levels": [asdict(v) for v in self.levels],
                 "curves": [asdict(c) for c in self.curves],
                 **{f: getattr(self, f) for f in ("rounds", "samples_per_round", "initial_loss",
-                                                 "target_loss", "deadline", "aggregation")}}
+                                                 "target_loss", "deadline", "aggregation",
+                                                 "fedavg_exponent")}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Instance":
@@ -174,7 +184,7 @@ class Instance:
                    tuple(record_from_dict(Level, "level", v) for v in d["levels"]),
                    tuple(record_from_dict(LossCurve, "curve", c) for c in d["curves"]),
                    **{k: d[k] for k in need - {"nodes", "levels", "curves"}},
-                   aggregation=d.get("aggregation", 0.0))
+                   aggregation=d.get("aggregation", 0.0), fedavg_exponent=d.get("fedavg_exponent", 0.0))
 
 
 def record_from_dict(cls, what: str, d) -> object:
@@ -218,7 +228,8 @@ class Plan:
 def round_cost(instance: Instance, nodes: Sequence[int], level: int) -> Tuple[float, float, float]:
     """``(samples, seconds, joules)`` of one round: every chosen node trains its samples at the
     level's FLOPs per sample, then sends and receives the model; the round lasts as long as its
-    slowest node, plus the aggregation."""
+    slowest node, plus the aggregation. ``samples`` is what the loss curve advances by: the
+    round's samples over ``k ** fedavg_exponent`` for ``k`` nodes."""
     lv = instance.levels[level]
     samples = slowest = energy = 0.0
     for i in nodes:
@@ -229,6 +240,8 @@ def round_cost(instance: Instance, nodes: Sequence[int], level: int) -> Tuple[fl
         samples += s
         slowest = max(slowest, compute + comm)
         energy += n.power * compute + n.comm_power * comm
+    if instance.fedavg_exponent:
+        samples /= len(nodes) ** instance.fedavg_exponent
     return samples, slowest + instance.aggregation, energy
 
 

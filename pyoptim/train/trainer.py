@@ -86,7 +86,9 @@ class Trainer:
             used when present: ``set_epoch(epoch)`` (or ``sampler.set_epoch``), ``batch_size``,
             ``set_batch_size(n)`` (per-rank size, from the next batch), ``state_dict()`` /
             ``load_state_dict(state)`` (the position inside the epoch: after
-            ``load_state_dict``, ``iter()`` continues from there), ``__len__``.
+            ``load_state_dict``, ``iter()`` continues from there), ``__len__``, and
+            ``empty_epochs_ok = True`` for a loader that may yield no batch in an epoch (a
+            federated node not chosen in a round; otherwise an empty epoch is an error).
         loss_fn: ``loss_fn(output, y) -> scalar`` (default ``F.cross_entropy``); the ``loss``
             metric is its sample-weighted mean over the epoch.
         device: where to train (default: the model's device); batches are moved there.
@@ -603,7 +605,7 @@ class Trainer:
                     ended = False
                     break
             self._epoch_time_flush()
-            if ended and self.batch_in_epoch == 0:
+            if ended and self.batch_in_epoch == 0 and not getattr(self.train_data, "empty_epochs_ok", False):
                 raise RuntimeError(f"the training data yielded no batch in epoch {self.epoch}")
             if not ended:
                 # stopped inside the epoch; it continues on the next fit(), unless the loader says

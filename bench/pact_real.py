@@ -22,7 +22,6 @@ import statistics
 import time
 from typing import Dict, List
 
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODES = os.path.join(HERE, "pact_nodes.json")
@@ -94,7 +93,7 @@ def real_runs(n_runs: int, rounds: int = 6, samples_per_round: int = 600, seed: 
     beta; returns the rows, the fit and the errors with and without it."""
     from dataclasses import replace
     from scipy.optimize import minimize_scalar
-    from pyoptim.pact import Plan, random_plan, simulate, solve_adp
+    from pyoptim.pact import random_plan, simulate, solve_adp
     from pyoptim.pact.run import load_plan_data, run_plan
     base, rows, recipe = example_instance(rounds, samples_per_round)
     x, y = load_plan_data(seed)

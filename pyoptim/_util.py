@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, List, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["dist_on", "synchronize", "acc_dtype", "pair", "memory_format", "flush_denormal",
-           "flush_denormal_enabled"]
+           "flush_denormal_enabled", "positive_number"]
 
 
 def dist_on() -> bool:
@@ -81,3 +82,16 @@ def flush_denormal(enabled: bool = True) -> Iterator[bool]:
         yield supported
     finally:
         torch.set_flush_denormal(previous)
+
+
+def positive_number(where: str, name: str, v, allow_zero: bool = False) -> float:
+    """``float(v)``, or a one-line ``ValueError`` naming ``where`` and ``name`` when it is not a
+    finite number ``> 0`` (``>= 0`` with ``allow_zero``): the field check of records read from
+    JSON (PACT's nodes and levels, energy's device descriptions)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {name} must be a number, got {v!r}") from None
+    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        raise ValueError(f"{where}: {name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {v!r}")
+    return x

@@ -11,7 +11,33 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "flops_per_sample"]
+__all__ = ["count_flops", "flops_per_sample", "flop_counter", "conv_backward_flops"]
+
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten.convolution_backward``: the input gradient as torch counts it (a transposed
+    convolution with the grouped weight, already per group), the weight gradient as torch counts
+    it divided by ``groups`` (each group's weight sees only its own input and output channels)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    def t(shape):
+        return [shape[1], shape[0]] + list(shape[2:])
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        if transposed:
+            dense = conv_flop_count(t(grad_out_shape), t(x_shape), t(out_shape[1]), transposed=False)
+        else:
+            dense = conv_flop_count(t(x_shape), t(grad_out_shape), t(out_shape[1]), transposed=False)
+        flops += dense // max(int(groups), 1)
+    return flops
+
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode(display=False)`` with :func:`conv_backward_flops` for grouped convolutions."""
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
 
 
 def _count_flops(model: nn.Module, example_input: Tensor, meta: bool) -> Tuple[int, int]:
@@ -29,9 +55,9 @@ def _count_flops(model: nn.Module, example_input: Tensor, meta: bool) -> Tuple[i
         def run():
             return model(example_input)
         grads_of = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad(), FlopCounterMode(display=False) as fwd:
+    with torch.no_grad(), flop_counter() as fwd:
         run()
-    with torch.enable_grad(), FlopCounterMode(display=False) as train:
+    with torch.enable_grad(), flop_counter() as train:
         out = run()
         if grads_of:
             torch.autograd.grad(out.float().sum(), grads_of, allow_unused=True)

@@ -5,6 +5,9 @@
 * A training run (``pyoptim train``, the benchmarks that train): :func:`training_report` makes the
   report of a fitted :class:`pyoptim.cli.run.Run`, :func:`write_training_report` draws its picture
   and writes the JSON once; :func:`summary_line` is what ``pyoptim report`` prints.
+* Energy (``pyoptim train --energy``): the report's ``energy`` section is
+  :meth:`pyoptim.energy.EnergyPlugin.summary` (seconds and joules per epoch and per phase, the
+  backend or the reason there is none); :func:`draw_training` adds a panel of it.
 * Pictures: :func:`draw_training` (accuracy, FLOPs and channels per epoch), :func:`draw_budget`
   (accuracy and LR against seconds), :func:`draw_sweep` (accuracy against budget), and the
   benchmark comparisons :func:`draw_prunetrain_comparison` and :func:`draw_budget_comparison`.
@@ -116,7 +119,8 @@ def training_report(run, wall_s: float, setup_s: float) -> Dict[str, Any]:
     channels per conv layer per epoch, training FLOPs (per sample per epoch, and the total: each
     stretch of samples between two reconfigurations at the FLOPs of the model it trained),
     PruneTrain's reconfiguration events and
-    timings, the final test accuracy, and for a budget the budget's result, timeline and LR."""
+    timings, the final test accuracy, for a budget the budget's result, timeline and LR, and with
+    ``--energy`` the ``energy`` section (:meth:`pyoptim.energy.EnergyPlugin.summary`)."""
     from .flops import flops_per_sample
     trainer, rec, prune, budget = run.trainer, run.recorder, run.prune, run.budget
     history = trainer.history
@@ -160,6 +164,8 @@ def training_report(run, wall_s: float, setup_s: float) -> Dict[str, Any]:
     }
     if getattr(run, "sparse", None) is not None:
         report["sparse"] = run.sparse
+    if getattr(run, "energy", None) is not None:
+        report["energy"] = run.energy.summary()
     if budget is not None:
         report["budget"] = dict(budget.result, plan=run.plan)
         report["timeline"] = budget.timeline
@@ -201,6 +207,18 @@ def dense_comparison(report: Dict[str, Any], dense: Dict[str, Any]) -> Dict[str,
             "same_machine": dense.get("machine") == report.get("machine")}
 
 
+def _energy_line(report: Dict[str, Any]) -> str:
+    """``"\nenergy (backend): joules or the reason; seconds per phase"``, or ``""`` without an
+    energy section."""
+    en = report.get("energy")
+    if not en:
+        return ""
+    total = en.get("total") or {}
+    what = f"{total['joules']:.1f} J" if total.get("joules") is not None else en.get("reason")
+    phases = ", ".join(f"{p.replace('_', ' ')} {v['seconds']:.2f} s" for p, v in (total.get("phases") or {}).items())
+    return f"\nenergy ({en.get('backend')}): {what}; {total.get('seconds', 0):.2f} s in epochs: {phases}"
+
+
 def summary_line(report: Dict[str, Any]) -> str:
     """One line on a run: model, data, accuracy and, by kind, budget and steps or channels and
     FLOPs."""
@@ -210,7 +228,7 @@ def summary_line(report: Dict[str, Any]) -> str:
         return (f"{cfg.get('model')} on {cfg.get('data')}, {b['budget_s']:g} s budget "
                 f"(knobs {'+'.join(b.get('knobs') or []) or 'none'}): test accuracy "
                 f"{100 * (final.get('test_accuracy') or 0):.2f}%, {b['steps']} steps, ended at "
-                f"{b.get('end_s', b['elapsed_s']):.1f} s")
+                f"{b.get('end_s', b['elapsed_s']):.1f} s") + _energy_line(report)
     line = (f"{cfg.get('model')} on {cfg.get('data')} ({cfg.get('method')}): "
             f"test accuracy {100 * (final.get('test_accuracy') or 0):.2f}%, channels {final.get('channels')}, "
             f"training FLOPs/sample {final.get('train_flops_per_sample', 0) / 1e6:.1f} M "
@@ -222,6 +240,7 @@ def summary_line(report: Dict[str, Any]) -> str:
         line += (f"\nsparse update ({sp['how']}): trains {sp['trained_parameters']} of "
                  f"{sp['total_parameters']} parameters, training memory {format_bytes(sp['training_memory'])} "
                  f"(full update {format_bytes(sp['full_update_training_memory'])})")
+    line += _energy_line(report)
     d = report.get("dense_reference")
     if d:
         when = "" if d["same_machine"] else f" (the dense time is from {d.get('machine') or 'another machine'})"
@@ -242,14 +261,49 @@ def _save(plt, fig, path: str, dpi: int, **kw) -> str:
     return path
 
 
+_PHASE_COLORS = {"forward": "tab:blue", "backward": "tab:orange", "group_lasso": "tab:red",
+                 "optimizer": "tab:green", "reconfigure": "tab:purple", "other": "lightgrey"}
+
+
+def _draw_energy(ax, energy: Dict[str, Any]) -> None:
+    """The energy section as a panel: seconds per phase of every epoch (stacked bars; the legend
+    gives the totals, in joules where there is a counter) and each epoch's joules on a second
+    axis; without a counter the panel says why."""
+    import textwrap
+    rows = energy.get("per_epoch") or []
+    epochs = [r["epoch"] + 1 for r in rows]
+    total = (energy.get("total") or {}).get("phases") or {}
+    bottom = [0.0] * len(rows)
+    for phase in list(energy.get("phases") or []) + ["other"]:
+        secs = [max(0.0, (r["phases"].get(phase) or {}).get("seconds") or 0.0) for r in rows]
+        t = total.get(phase) or {}
+        amount = f"{t['joules']:.1f} J" if t.get("joules") is not None else f"{t.get('seconds', 0):.2f} s"
+        ax.bar(epochs, secs, bottom=bottom, color=_PHASE_COLORS.get(phase), label=f"{phase.replace('_', ' ')} {amount}")
+        bottom = [b + x for b, x in zip(bottom, secs)]
+    ax.set_xticks(epochs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("seconds per phase")
+    ax.legend(fontsize=7, loc="best")
+    if energy.get("energy_available"):
+        twin = ax.twinx()
+        twin.plot(epochs, [r["joules"] for r in rows], color="black", marker="o")
+        twin.set_ylim(bottom=0)
+        twin.set_ylabel("joules per epoch (line)")
+        ax.set_title(f"time per phase (bars), energy per epoch (line): {energy.get('backend')}")
+    else:
+        ax.set_title("time per phase\n" + textwrap.fill(energy.get("reason") or "no energy counter", 70), fontsize=8)
+
+
 def draw_training(report: Dict[str, Any], path: str) -> Optional[str]:
-    """Accuracy and training FLOPs per epoch, channels per layer over time."""
+    """Accuracy and training FLOPs per epoch, channels per layer over time, and with an
+    ``energy`` section the time (and energy) per phase."""
     plt = pyplot()
     if plt is None:
         return None
     hist = report["history"]
     epochs = [r["epoch"] + 1 for r in hist]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    energy = report.get("energy")
+    fig, axes = plt.subplots(1, 4 if energy else 3, figsize=(20 if energy else 15, 4.2))
     ax = axes[0]
     ax.plot(epochs, [100 * (r.get("accuracy") or 0) for r in hist], label="train")
     if any(r.get("eval_accuracy") is not None for r in hist):
@@ -289,6 +343,8 @@ def draw_training(report: Dict[str, Any], path: str) -> Optional[str]:
     ax.set_xlabel("epoch")
     ax.set_ylabel("output channels per conv layer")
     ax.set_title("channels per layer (dark: first layers)")
+    if energy:
+        _draw_energy(axes[3], energy)
     return _save(plt, fig, path, 110)
 
 

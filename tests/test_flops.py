@@ -1,5 +1,6 @@
 """pyoptim.count_flops: forward and training FLOPs of a step, against the closed form of a conv
 and a linear layer, the same on meta tensors as on real ones, and the model left as it was."""
+import pytest
 import torch
 from torch import nn
 
@@ -39,3 +40,28 @@ def test_meta_and_real_counts_agree_and_the_model_is_unchanged():
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)     # BN statistics did not move
     assert all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("groups,cin,cout,transposed", [(96, 96, 96, False), (4, 16, 32, False),
+                                                        (1, 16, 32, False), (8, 8, 8, True), (1, 8, 4, True)])
+def test_conv_backward_counts_grouped_weight_gradients_per_group(groups, cin, cout, transposed):
+    """torch's convolution_backward formula counts a grouped conv's weight gradient as dense;
+    pyoptim's counter divides it by the groups, so backward = 2 x forward (input and weight
+    gradients, each a conv of the forward's size) for every grouping, and equals torch's own count
+    for dense convs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from pyoptim.flops import flop_counter
+    cls = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
+    conv = cls(cin, cout, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, cin, 9, 7, requires_grad=True)
+    with flop_counter() as fwd:
+        out = conv(x)
+    with flop_counter() as bwd:
+        torch.autograd.grad(out, [x, conv.weight], torch.ones_like(out), retain_graph=True)
+    assert bwd.get_total_flops() == 2 * fwd.get_total_flops()
+    with FlopCounterMode(display=False) as torch_bwd:
+        torch.autograd.grad(out, [x, conv.weight], torch.ones_like(out))
+    if groups == 1:
+        assert torch_bwd.get_total_flops() == bwd.get_total_flops()
+    else:
+        assert torch_bwd.get_total_flops() > bwd.get_total_flops()

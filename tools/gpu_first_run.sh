@@ -12,8 +12,8 @@
 # Steps: 1 build with CUDA for sm_90; 2 a bad-input probe of the CUDA C++ ops, one process per op
 # family (a crash there kills only its probe); 3 every gpu-marked test with compiled Triton
 # (TRITON_INTERPRET=0, TF32 off by tests/conftest.py), then the failures again, verbose; 4 the
-# group-lasso tests under compute-sanitizer memcheck; 5 the group-lasso and channel-union
-# benchmarks with --device cuda (their JSON lands in bench/results/ and $OUT).
+# group-lasso tests under compute-sanitizer memcheck; 5 the group-lasso, channel-union and energy
+# benchmarks with --device cuda (their JSON lands in bench/results/ and $OUT; energy reads NVML only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_run_out}
@@ -41,7 +41,7 @@ step() {
 }
 
 if [ "$DRY" = 1 ]; then
-  for f in bench/bench_group_lasso.py bench/bench_channel_union.py tests/test_group_lasso_ops.py; do
+  for f in bench/bench_group_lasso.py bench/bench_channel_union.py bench/bench_energy.py tests/test_group_lasso_ops.py; do
     [ -f "$f" ] || { echo "gpu_first_run: $f is missing" >&2; exit 1; }
   done
 else
@@ -63,8 +63,13 @@ step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 3 env TRITON
   -m gpu -p no:cacheprovider tests/test_group_lasso_ops.py -k "cuda-cpp and not bad_input"
 step bench_group_lasso 60 "$PY" bench/bench_group_lasso.py --device cuda
 step bench_channel_union 60 "$PY" bench/bench_channel_union.py --device cuda
+# energy (issue 21): the GPU's roofline and layer profiles, and the meter read only (NVML's energy
+# counter, if pynvml is installed there); never sets a clock
+step bench_energy 90 "$PY" bench/bench_energy.py --device cuda --models resnet50,vgg16 --reps 3 \
+  --batch-factor 2 --sections measured,meter
 if [ "$DRY" != 1 ]; then
-  cp bench/results/group_lasso_cuda*.json bench/results/channel_union_cuda*.json "$OUT/" 2>/dev/null
+  cp bench/results/group_lasso_cuda*.json bench/results/channel_union_cuda*.json bench/results/energy_cuda*.json \
+    "$OUT/" 2>/dev/null
   tar czf "$OUT/logs.tgz" -C "$LOGS" .
 fi
 rm -rf "$LOGS"

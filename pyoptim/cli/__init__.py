@@ -8,6 +8,8 @@
     pyoptim search-scheme --init CKPT --task few_shot --memory-budget 1MB --tables T.json --out DIR
     pyoptim plan --nodes nodes.json --curves curves.json --target-loss 0.45 --deadline 10m
     pyoptim train --plan runs/plan/plan.json
+    pyoptim energy profile --model resnet50 --input-shape 3,112,112 --batch-size 8
+    pyoptim energy plan --profile runs/energy/profile.json --device-spec a100-like --project
 
 ``train`` runs the Trainer (dense or with the PruneTrain plug-in) with a progress line (epoch,
 loss, accuracy, channels left, training FLOPs per sample, samples/s, ETA) and writes to the run
@@ -20,7 +22,8 @@ runs one budgeted run per budget (and per knob set) and draws accuracy against b
 ``report`` redraws the picture from ``report.json``. ``train --method sparse`` fine-tunes a
 pretrained model with a sparse update scheme (:mod:`.sparse`); ``search-scheme`` searches one for
 a memory budget (:mod:`.search_scheme`); ``plan`` plans PACT's pruning levels and node subsets
-per round (:mod:`.plan`).
+per round (:mod:`.plan`); ``energy`` profiles layers on a roofline and plans clocks per layer
+(:mod:`.energy`).
 
 One module per command (:mod:`.train`, :mod:`.sweep`, :mod:`.report`), each with ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> exit code``; :data:`COMMANDS` lists them in the order
@@ -41,7 +44,7 @@ __all__ = ["main", "build_parser", "run_training", "build_run", "Run", "DataErro
 
 #: subcommand name -> module (in pyoptim.cli) with HELP, add_arguments(parser) and run(args)
 COMMANDS = {"train": ".train", "sweep": ".sweep", "report": ".report", "search-scheme": ".search_scheme",
-            "plan": ".plan"}
+            "plan": ".plan", "energy": ".energy"}
 
 
 def build_parser() -> Parser:

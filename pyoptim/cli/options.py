@@ -183,6 +183,11 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
                    help="recompute the BN running statistics over N training batches at every epoch "
                         "end (before the test evaluation)")
     t.add_argument("--device", default="auto", type=device_arg)
+    t.add_argument("--energy", nargs="?", const="phases", default=None, choices=("phases", "epochs"),
+                   help="measure energy and time per epoch and, with phases (the default of --energy), per "
+                   "phase: forward, backward, group lasso, optimizer step, reconfiguration (on CUDA a device "
+                   "sync at every phase boundary; epochs: one per epoch). NVML on CUDA, RAPL on the CPU; "
+                   "without a counter, time only and the reason (pyoptim.energy.EnergyPlugin)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--train-subset", type=number(int, 0), default=0, help="use only the first N training images")
     t.add_argument("--synthetic-samples", type=number(int, 1), default=2048)

@@ -3,7 +3,8 @@
 :func:`build_run` turns the options into a :class:`Run`: the data (two
 :class:`~pyoptim.data.DeviceLoader`), for a budget the clock and the planner's or the width
 probes' choices, the model, the optimizer and LR schedule, the plug-ins (``Budgeted``,
-``PruneTrain``, the :class:`Recorder`) and the :class:`~pyoptim.train.Trainer` over them.
+``PruneTrain``, the :class:`Recorder`, with ``--energy`` the ``EnergyPlugin``) and the
+:class:`~pyoptim.train.Trainer` over them.
 :func:`run_training` builds one, fits it and hands it to :mod:`pyoptim.report`, which writes
 ``report.json`` and ``report.png``. Every command and benchmark that trains goes through here.
 """
@@ -20,7 +21,7 @@ from ..report import layer_channels
 from ..train import Plugin
 from .options import parse_knobs, parse_width
 
-__all__ = ["DataError", "Run", "Recorder", "build_run", "run_training", "build_model"]
+__all__ = ["DataError", "Run", "Recorder", "build_run", "run_training", "build_model", "arrange_plugins"]
 
 
 class DataError(RuntimeError):
@@ -79,6 +80,7 @@ class Run:
     plan: Optional[Dict[str, Any]] = None
     t_start: float = 0.0               # when building started (perf_counter)
     sparse: Optional[Dict[str, Any]] = None   # --method sparse: the scheme and how it was chosen
+    energy: Any = None                 # the EnergyPlugin (--energy)
 
 
 def _load_data(args, device):
@@ -148,6 +150,20 @@ def lr_schedule(optimizer, kind: str, epochs: int):
         milestones = sorted({first, max(first + 1, round(0.75 * epochs))})
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     raise ValueError(f"lr_schedule: kind must be 'cosine' or 'step', got {kind!r}")
+
+
+def arrange_plugins(args, before: List[Any], method: List[Any], after: List[Any]):
+    """``(plugins, energy)``: ``before + method + after``, and with ``--energy`` the
+    :class:`~pyoptim.energy.EnergyPlugin` right before ``method`` and its end marker right after
+    (what lies between is measured as group lasso and reconfiguration; without method plug-ins
+    there is no marker and those phases are not measured). ``energy`` is ``None`` without
+    ``--energy``."""
+    mode = getattr(args, "energy", None)
+    if not mode:
+        return before + method + after, None
+    from ..energy import EnergyPlugin
+    energy = EnergyPlugin(phases=mode == "phases")
+    return before + (energy.around(*method) if method else [energy]) + after, energy
 
 
 def _plugins(args, clock, knobs, augment_until):
@@ -231,7 +247,8 @@ def build_run(args, progress: bool = True) -> Run:
     example = next(iter(test.sample_batches(1)))[0][:2]     # does not move the test loader
     recorder = Recorder(example, recount=prune is not None)
     recorder.count_initial(model)             # before training: reconfigure resizes in place
-    plugins = [p for p in (budget, prune) if p is not None] + [recorder]
+    plugins, energy = arrange_plugins(args, [budget] if budget is not None else [],
+                                      [prune] if prune is not None else [], [recorder])
     printer = False
     if progress:
         printer = (budget_printer(budget) if budget is not None else
@@ -243,7 +260,7 @@ def build_run(args, progress: bool = True) -> Run:
                       progress=printer, amp=None if args.amp == "none" else args.amp,
                       precise_bn=args.precise_bn)
     return Run(args=args, device=device, trainer=trainer, recorder=recorder, clock=clock, budget=budget,
-               prune=prune, width=width, knobs=knobs, plan=plan_info, t_start=t_start)
+               prune=prune, width=width, knobs=knobs, plan=plan_info, t_start=t_start, energy=energy)
 
 
 def run_training(args, progress: bool = True, dense_reference: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

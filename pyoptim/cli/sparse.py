@@ -207,7 +207,7 @@ def build_sparse_run(args, progress: bool = True):
     from ..sparse.plugin import SparseUpdate
     from ..train import Trainer
     from .progress import training_printer
-    from .run import Recorder, Run, lr_schedule
+    from .run import Recorder, Run, arrange_plugins, lr_schedule
 
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
@@ -230,7 +230,8 @@ def build_sparse_run(args, progress: bool = True):
     sched = lr_schedule(opt, args.schedule, args.epochs)
     printer = training_printer(args.epochs, sum(recorder.layers0.values()), recorder.first) if progress else False
     os.makedirs(args.out, exist_ok=True)
-    trainer = Trainer(model, opt, train, scheduler=sched, eval_data=test, plugins=[plugin, recorder],
+    plugins, energy = arrange_plugins(args, [plugin], [], [recorder])
+    trainer = Trainer(model, opt, train, scheduler=sched, eval_data=test, plugins=plugins,
                       max_epochs=args.epochs, log_every=args.log_every if progress else 0,
                       progress=printer)
     info = dict(plugin.summary(), how=choice["how"], predicted_gain=choice.get("score"),
@@ -238,4 +239,4 @@ def build_sparse_run(args, progress: bool = True):
                 memory_budget=args.memory_budget, task={k: v for k, v in task.config().items()},
                 pretrained=dict(pretrained.pretrain_info))
     return Run(args=args, device=torch.device("cpu"), trainer=trainer, recorder=recorder,
-               sparse=info, t_start=t_start)
+               sparse=info, t_start=t_start, energy=energy)

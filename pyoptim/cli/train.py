@@ -77,6 +77,10 @@ def run_plan_command(args) -> int:
     from ..pact.run import load_plan_data, run_plan, run_plan_in_group
     from ..report import write_json
     doc = args.plan
+    if getattr(args, "energy", None):
+        print("pyoptim train: --energy measures Trainer runs; a --plan run accounts its energy from the "
+              "plan's node powers: leave out one of them", file=sys.stderr)
+        return 2
     if not isinstance(doc, dict) or not {"instance", "plan", "levels", "predicted"} <= set(doc):
         print("pyoptim train: --plan: not a plan (pyoptim plan writes one: instance, plan, levels, "
               "predicted)", file=sys.stderr)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+from .._util import positive_number
 
 __all__ = ["Node", "Level", "LossCurve", "Instance", "Plan", "Outcome", "round_cost", "simulate",
            "check_plan", "record_from_dict", "InfeasibleError"]
@@ -25,14 +27,7 @@ class InfeasibleError(ValueError):
     """No plan meets the targets; the message names the tightest constraint."""
 
 
-def _positive(where: str, name: str, v, allow_zero: bool = False) -> float:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: {name} must be a number, got {v!r}") from None
-    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
-        raise ValueError(f"{where}: {name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {v!r}")
-    return x
+_positive = positive_number
 
 
 @dataclass(frozen=True)

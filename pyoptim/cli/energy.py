@@ -97,7 +97,7 @@ def _profile(args) -> int:
     from ..energy.draw import draw_roofline
     from ..energy.meter import Meter
     from ..energy.profile import measure_roofline, profile_layers
-    from .run import build_model
+    from ..models import build_model
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here")
     if args.threads:

@@ -27,9 +27,6 @@ import sys
 
 from .options import comma_list, duration_arg, number
 
-#: the training recipe a plan's run uses when its curves file names none: bench/pact_curves.py's
-DEFAULT_RECIPE = {"batch_size": 64, "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9}
-
 HELP = "plan pruning and node selection per round for a loss target and a deadline (PACT)"
 
 
@@ -39,15 +36,6 @@ def _keeps(text: str):
         raise argparse.ArgumentTypeError(f"must start at 1 and decrease within (0, 1], got {text!r}")
     return keeps
 
-
-def _unit_interval(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
-    return v
 
 
 def _json_file(text: str):
@@ -72,7 +60,7 @@ def add_arguments(t) -> None:
     t.add_argument("--deadline", type=duration_arg, required=True, help="e.g. 90s, 10m")
     t.add_argument("--rounds", type=number(int, 1), default=10)
     t.add_argument("--samples-per-round", type=number(int, 1), default=1000)
-    t.add_argument("--fedavg-exponent", type=_unit_interval, default=0.0,
+    t.add_argument("--fedavg-exponent", type=number(float, 0.0, 1.0), default=0.0,
                    help="beta in [0, 1]: a round of k nodes advances the loss curve by its samples / k**beta "
                         "(0: every sample counts; bench/bench_pact.py fits it from real runs)")
     t.add_argument("--loss-buckets", type=number(int, 1), default=32)
@@ -81,7 +69,7 @@ def add_arguments(t) -> None:
 
 
 def _instance(args):
-    from .run import build_model
+    from ..models import build_model
     from ..pact import Instance, LossCurve, Node
     from ..pact.levels import measure_levels
     from ..pact.problem import record_from_dict
@@ -108,6 +96,7 @@ def _instance(args):
 
 def run(args) -> int:
     from ..pact import InfeasibleError, all_methods
+    from ..pact.run import DEFAULT_RECIPE
     from ..pact.draw import draw_plan
     from ..report import write_json
     try:

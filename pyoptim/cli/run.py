@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from ..flops import flops_per_sample
 from ..report import layer_channels
+from ..models import build_model  # noqa: F401  (pyoptim.cli.run.build_model, used by the benchmarks)
 from ..train import Plugin
 from .options import parse_knobs, parse_width
 
@@ -28,11 +29,6 @@ class DataError(RuntimeError):
     """The data set of a run is missing or unreadable."""
 
 
-def build_model(name: str, num_classes: int, in_channels: int, width: float):
-    from .. import models
-    if name == "mobilenetv2":
-        return models.mobilenet_v2(width=width, num_classes=num_classes, in_channels=in_channels)
-    return getattr(models, name)(num_classes=num_classes, in_channels=in_channels, width=width)
 
 
 class Recorder(Plugin):

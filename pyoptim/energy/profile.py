@@ -160,13 +160,6 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int,
     return statistics.median(times)
 
 
-def device_label(device: torch.device) -> str:
-    """The device's name (:func:`pyoptim.report.device_name`: the GPU's, or the CPU's model with
-    its threads)."""
-    from ..report import device_name
-    return device_name(device)
-
-
 def measure_roofline(device="cpu", dtype: torch.dtype = torch.float32, matmul_size: Optional[int] = None,
                      copy_bytes: Optional[int] = None, reps: int = 5) -> Roofline:
     """The device's measured ceilings: ``peak_flops``, the best FLOP/s of an ``n x n`` matmul
@@ -198,7 +191,8 @@ def measure_roofline(device="cpu", dtype: torch.dtype = torch.float32, matmul_si
     src = torch.randn(nbytes // dtype.itemsize, device=device, dtype=dtype)
     dst = torch.empty_like(src)
     bw = 2.0 * src.numel() * dtype.itemsize / _median_seconds(lambda: dst.copy_(src), device, reps)
-    return Roofline(device_label(device), best, bw)
+    from ..report import device_name
+    return Roofline(device_name(device), best, bw)
 
 
 def _conv_or_linear(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -318,7 +312,8 @@ def profile_layers(model: nn.Module, example_input: Tensor, reps: int = 10, mode
     extra: Dict[str, object] = {"energy": energy}
     if step_s is not None:
         extra["step_seconds"] = step_s
-    return ModelProfile(model_label or type(model).__name__, model_signature(entries), device_label(device),
+    from ..report import device_name
+    return ModelProfile(model_label or type(model).__name__, model_signature(entries), device_name(device),
                         list(example_input.shape), str(example_input.dtype).replace("torch.", ""), layers, roof, extra)
 
 

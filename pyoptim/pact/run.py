@@ -42,11 +42,14 @@ def load_plan_data(seed: int, data_dir=None):
     return (x[order].float() / 255.0 - spec.mean[0]) / spec.std[0], y[order]
 
 
+#: the training recipe of a plan whose curves file names none: bench/pact_curves.py's defaults
+DEFAULT_RECIPE = {"batch_size": 64, "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9}
+
+
 def run_recipe(doc: dict) -> dict:
     """The plan's training recipe (``doc["recipe"]``, the one its loss curves were fitted with;
     ``pyoptim plan`` writes it), with ``doc``'s own ``batch_size``, ``lr``, ``weight_decay``,
     ``momentum`` taking precedence; SGD."""
-    from ..cli.plan import DEFAULT_RECIPE
     recipe = {**DEFAULT_RECIPE, **(doc.get("recipe") or {})}
     recipe.update({k: doc[k] for k in DEFAULT_RECIPE if k in doc})
     for k, v in recipe.items():
@@ -60,7 +63,7 @@ def plan_for_rank(rank: int, doc: dict, x: torch.Tensor, y: torch.Tensor) -> lis
     """Trains node ``rank``'s part of the plan ``doc`` in the initialised process group (one rank
     per node; ``x``, ``y``: every node's shard, in node order). Returns the plug-in's rows (rank 0;
     ``[]`` elsewhere)."""
-    from ..cli.run import build_model
+    from ..models import build_model
     from ..train import Trainer
     from .plugin import PactPlugin, RoundShard
     inst = Instance.from_dict(doc["instance"])

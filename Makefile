@@ -9,6 +9,8 @@
 #   make bench       the kernel benchmark scripts, results in bench/results/
 #   make bench-prunetrain  dense vs PruneTrain (short lasso with a floor) on Fashion-MNIST, 15 000
 #                          steps a run, 3 seeds, and a uniform width 0.75 (7 runs of 9-14 min, one thread)
+#   make bench-prunetrain-tv  torchvision's MobileNetV3-Small (tv:mobilenet_v3_small) on Fashion-MNIST,
+#                          dense then PruneTrain, 10 epochs of 10 000 images (about 6 min, one thread)
 #   make bench-scheme-search  sparse update: pretrain MobileNetV2-w0.35 (cached), contribution tables
 #                          of few_shot and shift (8 ratio levels, 2 seeds; about 40 min on 2 cores,
 #                          resumable), then evolution vs random search vs the optimum and the
@@ -19,6 +21,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+# torchvision's classification models (pyoptim train --model tv:NAME): the release matching TORCH,
+# installed with --no-deps (its wheel requires a CUDA torch: pip would replace the CPU one); its
+# other requirements, numpy and pillow (through matplotlib), come with requirements/dev.txt
+TORCHVISION ?= torchvision==0.28.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
@@ -35,7 +41,7 @@ DEMO_ARGS   ?= $(DEMO_RECIPE) --method prunetrain --lpr 0.7 --bn-scale --round-t
                --lasso-steps 400 --interval 200 --interval-unit step --max-batch-size 512 --out runs/demo \
                --compare-to $(DEMO_DENSE)
 
-.PHONY: demo demo-dense test cuda-check bench bench-prunetrain bench-scheme-search bench-budget install clean fashion-mnist
+.PHONY: demo demo-dense test cuda-check bench bench-prunetrain bench-prunetrain-tv bench-scheme-search bench-budget install clean fashion-mnist
 
 demo: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 $(VENV)/bin/pyoptim train $(DEMO_ARGS)
@@ -75,6 +81,23 @@ bench-prunetrain: $(VENV)/.built fashion-mnist
 	PYOPTIM_QUIET=1 OMP_NUM_THREADS=1 $(PY) bench/bench_prunetrain.py --seeds 0 1 2 --main b750 \
 	  --variant "b750=$(PRUNE_MAIN)" --dense-variant "w0.75=--width 0.75" --name prunetrain_resnet20_15k_shortlasso
 
+# torchvision's MobileNetV3-Small (random init, the grey image repeated on 3 channels, a 10-class
+# head) on 10 000 Fashion-MNIST images, 10 epochs: the dense run, then PruneTrain compared with it
+# (about 3 + 3 min, one thread); reports in bench/results/prunetrain_tv_mobilenet_v3_small*_cpu.*
+TV_RECIPE ?= --model tv:mobilenet_v3_small --data fashion-mnist --epochs 10 --train-subset 10000 --batch-size 64 \
+             --lr 0.1 --schedule step --precise-bn 20 --seed 0
+TV_PRUNE  ?= --method prunetrain --lpr 0.95 --bn-scale --round-to 8 --threshold 0.4 --min-keep 0.5 \
+             --lasso-steps 400 --interval 100 --interval-unit step --no-grow-batch
+TV_RESULT := bench/results/prunetrain_tv_mobilenet_v3_small
+bench-prunetrain-tv: $(VENV)/.built fashion-mnist
+	PYOPTIM_QUIET=1 OMP_NUM_THREADS=1 $(VENV)/bin/pyoptim train $(TV_RECIPE) --method dense --out runs/tv-mbv3s-dense
+	cp runs/tv-mbv3s-dense/report.json $(TV_RESULT)_dense_cpu.json
+	cp runs/tv-mbv3s-dense/report.png $(TV_RESULT)_dense_cpu.png
+	PYOPTIM_QUIET=1 OMP_NUM_THREADS=1 $(VENV)/bin/pyoptim train $(TV_RECIPE) $(TV_PRUNE) \
+	  --compare-to $(TV_RESULT)_dense_cpu.json --out runs/tv-mbv3s-prunetrain
+	cp runs/tv-mbv3s-prunetrain/report.json $(TV_RESULT)_cpu.json
+	cp runs/tv-mbv3s-prunetrain/report.png $(TV_RESULT)_cpu.png
+
 SEARCH_RATIOS ?= 0.125,0.25,0.375,0.5,0.625,0.75,0.875,1
 SEARCH_TASKS  ?= few_shot shift
 SEARCH_BUDGETS ?= 0.1,0.2,0.3,0.5
@@ -96,6 +119,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.deps: $(VENV)/bin/python requirements/dev.txt Makefile
 	$(PIP) install -q "$(TORCH)" -r requirements/dev.txt
+	$(PIP) install -q --no-deps "$(TORCHVISION)"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

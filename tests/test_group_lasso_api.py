@@ -44,7 +44,7 @@ def test_lpr_rule_sets_lambda_at_first_batch(backend):
     x, y = data()
     loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
     loss.backward()
-    gl = pyoptim.GroupLasso(model, lpr=0.2)
+    gl = pyoptim.GroupLasso(model, lpr=0.2, grouped="channels")
     pen = gl.apply(loss)
     # by the rule, the penalty is 20% of (loss + penalty) at the first batch
     ratio = pen.item() / (loss.item() + pen.item())
@@ -66,7 +66,7 @@ def test_apply_equals_autograd_of_penalty(backend):
     lam = 3e-3
 
     nn.functional.cross_entropy(m1(x), y).backward()
-    gl = pyoptim.GroupLasso(m1, lam=lam)
+    gl = pyoptim.GroupLasso(m1, lam=lam, grouped="channels")
     pen = gl.apply()
 
     targets = pyoptim.group_lasso_targets(m2)
@@ -96,7 +96,7 @@ def test_apply_creates_missing_grads_and_mixed_dtypes():
     torch.manual_seed(3)
     model = SmallNet()
     model.pw.double()  # a second (device, dtype) bucket
-    gl = pyoptim.GroupLasso(model, lam=0.1)
+    gl = pyoptim.GroupLasso(model, lam=0.1, grouped="channels")
     pen = gl.apply()
     assert torch.isfinite(pen)
     assert all(w.grad is not None for _, w, _ in gl.targets)
@@ -105,9 +105,9 @@ def test_apply_creates_missing_grads_and_mixed_dtypes():
 
 def test_state_dict_round_trip():
     model = SmallNet()
-    gl = pyoptim.GroupLasso(model, lpr=0.3)
+    gl = pyoptim.GroupLasso(model, lpr=0.3, grouped="channels")
     gl.calibrate(torch.tensor(2.0))
-    gl2 = pyoptim.GroupLasso(model)
+    gl2 = pyoptim.GroupLasso(model, grouped="channels")
     gl2.load_state_dict(gl.state_dict())
     assert gl2.lam == gl.lam and gl2.lpr == 0.3
 
@@ -142,8 +142,8 @@ def test_channels_last_model_goes_through_contiguous_copies():
     for m in (m1, m2):
         nn.functional.cross_entropy(m(x), y).backward()
     assert not m2.conv1.weight.grad.is_contiguous()
-    p1 = pyoptim.GroupLasso(m1, lam=0.01).apply()
-    p2 = pyoptim.GroupLasso(m2, lam=0.01).apply()
+    p1 = pyoptim.GroupLasso(m1, lam=0.01, grouped="channels").apply()
+    p2 = pyoptim.GroupLasso(m2, lam=0.01, grouped="channels").apply()
     torch.testing.assert_close(p1, p2, rtol=1e-12, atol=0)
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13, msg=lambda msg: f"{n}: {msg}")
@@ -156,7 +156,7 @@ def test_prune_zeroes_small_channels_of_the_model(backend):
     with torch.no_grad():
         model.conv1.weight[3] *= 1e-8          # an output channel of conv1
         model.pw.weight[:, 5] *= 1e-8          # an input channel of the pointwise conv
-    gl = pyoptim.GroupLasso(model, lam=0.1)
+    gl = pyoptim.GroupLasso(model, lam=0.1, grouped="channels")
     before = {n: w.detach().clone() for n, w, _ in gl.targets}
     masks = gl.prune_(1e-4)
     assert set(masks) == {"conv1.weight", "conv2.weight", "dw.weight", "pw.weight"}
@@ -214,14 +214,14 @@ def test_bn_scale_pairs_only_a_conv_read_by_its_bn_alone():
     assert set(pairs) == {"c1.weight", "c2.weight"}
     net = ConvBNNet()
     assert pairs["c1.weight"].num_features == 8
-    gl = pyoptim.GroupLasso(net, lam=0.1, bn_scale=True)
+    gl = pyoptim.GroupLasso(net, lam=0.1, bn_scale=True, grouped="channels")
     assert {gl.targets[i][0] for i in gl.scales} == {"c1.weight", "c2.weight"}
     assert gl.scales[0] is net.b1.weight
 
 
 def test_bn_scale_apply_equals_autograd_of_its_penalty():
     net = _randomised(ConvBNNet().double(), 11)
-    gl = pyoptim.GroupLasso(net, lam=0.37, bn_scale=True)
+    gl = pyoptim.GroupLasso(net, lam=0.37, bn_scale=True, grouped="channels")
     _scaled_penalty(gl, 0.37).backward()
     want = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     net.zero_grad(set_to_none=True)
@@ -259,7 +259,7 @@ def test_prox_step_equals_group_soft_thresholding(bn_scale):
         net.c1.weight[1] *= 0.02
         net.b1.weight[1] = 0.01
         net.c3.weight[:, 3] *= 0.05
-    gl = pyoptim.GroupLasso(net, lam=0.8, bn_scale=bn_scale)
+    gl = pyoptim.GroupLasso(net, lam=0.8, bn_scale=bn_scale, grouped="channels")
     step = 0.9
     want = [_prox_reference(w.detach(), g, gl.scales.get(i), step * 0.8)
             for i, (_, w, g) in enumerate(gl.targets)]
@@ -275,7 +275,7 @@ def test_prox_step_equals_group_soft_thresholding(bn_scale):
 
 def test_prox_step_calibrates_and_refuses_a_bad_step():
     net = _randomised(ConvBNNet().double(), 13)
-    gl = pyoptim.GroupLasso(net, lpr=0.2)
+    gl = pyoptim.GroupLasso(net, lpr=0.2, grouped="channels")
     with pytest.raises(ValueError, match="lam is not set"):
         gl.prox_(0.1)
     before = [w.detach().clone() for _, w, _ in gl.targets]
@@ -295,7 +295,7 @@ def test_prune_with_bn_scale_zeroes_the_scale_with_its_group():
         net.c1.weight[2] *= 1e-9
         net.b1.weight[2] = 1e-9          # the whole group (W[2], gamma[2]) is small
         net.c2.weight[5] *= 1e-9         # W small but gamma large: the group is not small
-    gl = pyoptim.GroupLasso(net, lam=0.1, bn_scale=True)
+    gl = pyoptim.GroupLasso(net, lam=0.1, bn_scale=True, grouped="channels")
     masks = gl.prune_(1e-4)
     assert not masks["c1.weight"][0][2] and masks["c1.weight"][0].sum() == 7
     assert net.b1.weight[2] == 0 and (net.c1.weight[2] == 0).all()
@@ -316,7 +316,7 @@ def _scale_only_penalty(gl, lam):
 
 def test_bn_scale_only_apply_equals_autograd_and_leaves_paired_weights_alone():
     net = _randomised(ConvBNNet().double(), 15)
-    gl = pyoptim.GroupLasso(net, lam=0.29, bn_scale_only=True)
+    gl = pyoptim.GroupLasso(net, lam=0.29, bn_scale_only=True, grouped="channels")
     assert gl.bn_scale and {gl.targets[i][0] for i in gl.scales} == {"c1.weight", "c2.weight"}
     _scale_only_penalty(gl, 0.29).backward()
     want = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
@@ -338,7 +338,7 @@ def test_bn_scale_only_prox_and_prune_act_on_the_scales():
         net.b1.weight[3] = 0.05          # |gamma| under t: soft-thresholded to exactly 0
         net.b2.weight[6] = -0.3          # shrinks towards 0, keeps its sign
     w1 = net.c1.weight.detach().clone()
-    gl = pyoptim.GroupLasso(net, lam=0.5, bn_scale_only=True)
+    gl = pyoptim.GroupLasso(net, lam=0.5, bn_scale_only=True, grouped="channels")
     gamma = net.b2.weight.detach().clone()
     gl.prox_(0.2)                                     # t = 0.1
     torch.testing.assert_close(net.b2.weight.detach(), torch.sign(gamma) * (gamma.abs() - 0.1).clamp_min(0))
@@ -352,6 +352,6 @@ def test_bn_scale_only_prox_and_prune_act_on_the_scales():
     torch.testing.assert_close(net.c1.weight.detach()[[0, 1, 2, 4, 6, 7]], w1[[0, 1, 2, 4, 6, 7]],
                                rtol=1e-14, atol=0)
     state = gl.state_dict()
-    fresh = pyoptim.GroupLasso(net, lam=0.5)
+    fresh = pyoptim.GroupLasso(net, lam=0.5, grouped="channels")
     fresh.load_state_dict(state)
     assert fresh.bn_scale_only and fresh.bn_scale

@@ -460,3 +460,248 @@ def test_channels_no_consumer_reads_are_dropped(name):
     small, opt, report = reconfigure(model, opt, x, graph=graph)
     assert report.channels_after == report.channels_before - sum(len(c) for c in unread.values())
     check_function_and_next_step(small, opt, ref, ref_opt, x, y, keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# the FLOPs report: counted once per architecture, resized by each layer's weight (issue 22 item 6)
+
+def _torchvision():
+    try:
+        from pyoptim.models.torchvision_zoo import import_torchvision
+        return import_torchvision()
+    except ImportError:
+        pass
+    try:   # before the zoo: declare the two schemas torchvision's fake kernels need
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        _torchvision.lib = lib
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import torchvision
+        return torchvision
+    except (ImportError, RuntimeError):
+        return None
+
+
+def tv_model(name):
+    tv = _torchvision()
+    if tv is None:
+        pytest.skip("torchvision is not installed")
+    m = getattr(tv.models, name)(num_classes=10)
+    if name.startswith("vgg"):   # the 25088 x 4096 head made small: the same flatten into a linear
+        m.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        m.classifier[0], m.classifier[3], m.classifier[6] = nn.Linear(2048, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+    return m
+
+
+FLOP_MODELS = {
+    "resnet50": lambda: models.resnet50(num_classes=10),
+    "mobilenetv2": lambda: models.mobilenet_v2(0.35, num_classes=10),
+    "vgg11": lambda: models.vgg11(num_classes=10),
+    "concat": ConcatNet,
+    "tv_resnet50": lambda: tv_model("resnet50"),
+    "tv_mobilenet_v2": lambda: tv_model("mobilenet_v2"),
+    "tv_densenet121": lambda: tv_model("densenet121"),
+    "tv_vgg11_bn": lambda: tv_model("vgg11_bn"),
+}
+
+
+def random_keep(graph, fraction=0.3, seed=0):
+    """Each prunable group with ``fraction`` of its channels (at least one kept) dropped at random."""
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for grp in graph.prunable_groups():
+        k = torch.ones(grp.size, dtype=torch.bool)
+        k[torch.randperm(grp.size, generator=g)[: min(grp.size - 1, int(fraction * grp.size))]] = False
+        keep[grp.index] = k
+    return keep
+
+
+@pytest.mark.parametrize("name", list(FLOP_MODELS))
+def test_report_flops_equal_a_full_count(name):
+    """The FLOPs reported (the count before, the count after resized by each conv/linear weight's
+    numel ratio) equal torch's counter run on the model before and after, exactly."""
+    from pyoptim.flops import count_flops
+    torch.manual_seed(0)
+    model = FLOP_MODELS[name]().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    graph = ChannelGraph(model, x)
+    before = count_flops(model, x)
+    model, _, report = reconfigure(model, None, x, graph=graph, keep=random_keep(graph))
+    assert report.flops_method == "analytic"
+    assert (report.forward_flops_before, report.train_flops_before) == before
+    assert (report.forward_flops_after, report.train_flops_after) == count_flops(model, x)
+    assert report.train_flops_after < report.train_flops_before
+
+
+# (case of DEAD, how the FLOPs after are had): a Bottleneck whose conv2 channels die leaves its
+# conv3 computing on the constant: its FLOPs are no longer its weight's, the model is counted again
+DEAD_FLOPS = {"resnet20": "analytic", "resnet50": "recount", "mobilenetv2": "analytic", "concat": "analytic"}
+
+
+@pytest.mark.parametrize("case", list(DEAD_FLOPS))
+def test_report_flops_after_a_branch_removal_equal_a_full_count(case):
+    from pyoptim.flops import count_flops
+    name, whole, branches, _ = DEAD[case]
+    model, x, _, graph, _, _, _, _ = prepare(name, whole)
+    before = count_flops(model, x)
+    model, _, report = reconfigure(model, None, x, graph=graph)
+    assert isinstance(model, fx.GraphModule) and report.branches_removed == branches
+    assert report.flops_method == DEAD_FLOPS[case]
+    assert (report.forward_flops_before, report.train_flops_before) == before
+    assert (report.forward_flops_after, report.train_flops_after) == count_flops(model, x)
+
+
+def test_repeated_reconfigures_count_once(monkeypatch):
+    """PruneTrain reconfigures every interval: the first reconfiguration counts the model once,
+    the next starts from the cached result of the first and counts nothing."""
+    import pyoptim.flops as flops
+    flops._CACHE.clear()
+    calls = []
+    real = flops._count_flops
+    monkeypatch.setattr(flops, "_count_flops", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, x = build("resnet20")
+    graph = ChannelGraph(model, x)
+    model, _, first = reconfigure(model, None, x, graph=graph, keep=random_keep(graph, 0.2, seed=1))
+    assert len(calls) == 1 and first.flops_method == "analytic"
+    graph = ChannelGraph(model, x)
+    model, _, second = reconfigure(model, None, x, graph=graph, keep=random_keep(graph, 0.2, seed=2))
+    assert len(calls) == 1 and second.flops_method == "analytic"
+    assert (second.forward_flops_before, second.train_flops_before) == \
+        (first.forward_flops_after, first.train_flops_after)
+    monkeypatch.setattr(flops, "_count_flops", real)
+    assert (second.forward_flops_after, second.train_flops_after) == flops.count_flops(model, x)
+
+
+def test_report_flops_count_and_off():
+    model, x = build("resnet20")
+    graph = ChannelGraph(model, x)
+    keep = random_keep(graph)
+    reports = {}
+    for how in (True, "count", False):
+        _, _, reports[how] = reconfigure(copy.deepcopy(model), None, x, graph=graph, keep=keep, report_flops=how)
+    assert reports["count"].flops_method == "count" and reports[False].flops_method == "off"
+    flops_of = [(r.forward_flops_before, r.forward_flops_after, r.train_flops_before, r.train_flops_after)
+                for r in reports.values()]
+    assert flops_of[0] == flops_of[1] and flops_of[2] == (0, 0, 0, 0)
+    with pytest.raises(ValueError, match="report_flops"):
+        reconfigure(copy.deepcopy(model), None, x, graph=graph, keep=keep, report_flops="analytic")
+
+
+def test_flop_breakdown_attributes_every_flop_to_a_layer():
+    """count_module_flops: the same totals as count_flops, every FLOP of a CNN in a conv/linear
+    layer (forward and backward), each layer's count a multiple of its weight's numel."""
+    from pyoptim.flops import count_flops, count_module_flops
+    model, x = build("mobilenetv2")
+    b = count_module_flops(model, x, cache=False)
+    assert (b.forward, b.train) == count_flops(model, x)
+    assert b.other_forward == b.other_train == 0
+    assert len(b.modules) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    assert all(f and t > f and f % n == 0 and t % n == 0 for f, t, n in b.modules.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# magnitudes read from views; grouped convs, Conv1d/3d, LayerNorms and bare parameters compacted
+
+def reference_magnitudes(graph, model, drop_unread=True):
+    """channel_magnitudes the plain way: index_select of every deciding member, |.|, max."""
+    out = {}
+    for grp in graph.prunable_groups():
+        mags = {"all": torch.zeros(grp.size, dtype=torch.float64), "read": torch.zeros(grp.size, dtype=torch.float64)}
+        for m in grp.members:
+            mod = model.get_submodule(m.module)
+            depthwise = isinstance(mod, nn.Conv2d) and mod.groups == mod.in_channels == mod.out_channels > 1
+            if m.kind == "parameter" or (m.kind == CHANNELWISE and not depthwise):
+                continue
+            w = mod.weight.detach().index_select(m.dim, m.indices()).abs().movedim(m.dim, 0)
+            v = w.reshape(m.size, -1).amax(1).double()
+            mags["all"] = torch.maximum(mags["all"], v)
+            if m.kind == CONSUMER:
+                mags["read"] = torch.maximum(mags["read"], v)
+        out[grp.index] = torch.minimum(mags["all"], mags["read"]) if drop_unread and grp.of_kind(CONSUMER) \
+            else mags["all"]
+    return out
+
+
+class Mixed(nn.Module):
+    """A grouped conv, a parameter scaling channels, LayerNorms over the channels (with and
+    without affine parameters), a Conv1d and a Conv3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.linspace(50.0, 90.0, 8).reshape(1, 8, 1, 1))   # large: must not decide
+        self.g = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+        self.norm = nn.LayerNorm(12)
+        self.conv1 = nn.Conv1d(12, 6, 1)
+        self.bare = nn.LayerNorm(6, elementwise_affine=False)
+        self.conv3 = nn.Conv3d(6, 5, 1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.g(self.stem(x) * self.scale)
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = self.conv1(x.flatten(2))
+        y = self.bare(y.transpose(1, 2)).transpose(1, 2)
+        return self.head(self.conv3(y[..., None, None]).mean((2, 3, 4)))
+
+
+@pytest.mark.parametrize("name", ["vgg11", "concat", "mixed"])
+def test_channel_magnitudes_match_the_index_select_reference(name):
+    from pyoptim.prune import channel_magnitudes
+    model, x = (build(name) if name != "mixed" else (Mixed().double(), torch.randn(2, 3, 6, 6).double()))
+    graph = ChannelGraph(model, x)
+    for drop_unread in (True, False):
+        got, want = channel_magnitudes(graph, model, drop_unread), reference_magnitudes(graph, model, drop_unread)
+        assert list(got) == list(want)
+        for gi in got:
+            torch.testing.assert_close(got[gi], want[gi], rtol=0, atol=0)
+
+
+def test_grouped_conv_layernorms_conv1d_conv3d_and_parameters_are_compacted():
+    torch.manual_seed(0)
+    model, x = Mixed().double(), torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    graph = ChannelGraph(model, x)
+    kinds = {m.kind for g in graph.prunable_groups() for m in g.members}
+    if "parameter" not in kinds:
+        pytest.skip("this ChannelGraph has no parameter members")
+    ref = copy.deepcopy(model)
+    keep = random_keep(graph, 0.34, seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, _, report = reconfigure(model, None, x, graph=graph, keep=keep)
+    assert report.flops_method == "analytic"
+    from pyoptim.flops import count_flops
+    assert (report.forward_flops_after, report.train_flops_after) == count_flops(model, x)
+    # every parameter is its old self with the dropped indices removed, along each member's dim
+    kept = {}   # (parameter, dim) -> kept indices
+    for grp in graph.prunable_groups():
+        for m in grp.members:
+            for attr, _ in m.tensors(ref):
+                name = f"{m.module}.{attr}" if m.module else attr
+                k = kept.setdefault((name, m.dim), torch.ones(before[name].shape[m.dim], dtype=torch.bool))
+                k[m.indices((~keep[grp.index]).nonzero().flatten())] = False
+    assert ("scale", 1) in kept
+    for name, t in before.items():
+        for dim in (0, 1, 2):
+            if (name, dim) in kept:
+                t = t.index_select(dim, kept[(name, dim)].nonzero().flatten())
+        torch.testing.assert_close(dict(model.named_parameters())[name], t, rtol=0, atol=0)
+    g = model.g
+    assert g.groups == 2 and g.out_channels == g.weight.shape[0] and g.in_channels == 2 * g.weight.shape[1]
+    assert model.norm.normalized_shape == (g.out_channels,)
+    assert model.conv1.in_channels == g.out_channels and model.conv1.out_channels == model.conv1.weight.shape[0]
+    assert model.bare.normalized_shape == (model.conv1.out_channels,) == (4,)
+    assert model.conv3.in_channels == model.conv1.out_channels
+    assert model(x).shape == (2, 3)
+
+
+def test_layernorm2d_is_resized():
+    tv = _torchvision()
+    if tv is None:
+        pytest.skip("torchvision is not installed")
+    from torchvision.models.convnext import LayerNorm2d
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), LayerNorm2d(8), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(36, 2))
+    x = torch.randn(2, 3, 5, 5)
+    graph = ChannelGraph(model, x)
+    model, _, _ = reconfigure(model, None, x, graph=graph, keep=random_keep(graph))
+    assert model[1].normalized_shape == (model[0].out_channels,) == (model[1].weight.shape[0],) == (6,)
+    assert model(x).shape == (2, 2)

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 
-from .options import MODELS, number
+from .options import MODEL_HELP, model_arg, number
 
 HELP = "per-layer energy profile and roofline, and a per-layer clock plan (energy-aware training)"
 
@@ -65,7 +65,7 @@ def _device_spec(text: str):
 def add_arguments(t) -> None:
     sub = t.add_subparsers(dest="energy_command", required=True)
     p = sub.add_parser("profile", help="profile every conv/linear layer and draw the roofline")
-    p.add_argument("--model", choices=MODELS, required=True)
+    p.add_argument("--model", type=model_arg, required=True, metavar="NAME", help=MODEL_HELP)
     p.add_argument("--input-shape", type=_shape, default=(3, 112, 112), help="C,H,W of a sample")
     p.add_argument("--num-classes", type=number(int, 2), default=10)
     p.add_argument("--batch-size", type=number(int, 1), default=8)

@@ -73,6 +73,29 @@ def device_arg(text: str) -> str:
     return text
 
 
+def model_arg(text: str) -> str:
+    """``--model``: one of :data:`MODELS`, or ``tv:<name>`` for a torchvision classification model
+    (checked against torchvision's list here, so a bad name is refused when parsed)."""
+    from ..models import TORCHVISION_PREFIX
+    if text in MODELS:
+        return text
+    if text.startswith(TORCHVISION_PREFIX):
+        from ..models.torchvision_zoo import check_torchvision_name
+        try:
+            check_torchvision_name(text[len(TORCHVISION_PREFIX):], shown=text)
+        except (ImportError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc).splitlines()[0]) from None
+        return text
+    raise argparse.ArgumentTypeError(f"must be one of {', '.join(MODELS)} or {TORCHVISION_PREFIX}<torchvision "
+                                     f"classification model> (e.g. {TORCHVISION_PREFIX}mobilenet_v3_small), "
+                                     f"got {text!r}")
+
+
+#: ``--model``'s help, shared by the commands that take it
+MODEL_HELP = (f"one of {', '.join(MODELS)}, or tv:NAME for torchvision's classification model NAME (random "
+              f"init, e.g. tv:mobilenet_v3_small; needs torchvision, see docs/torchvision.md)")
+
+
 def width_arg(text: str) -> Any:
     """``--width``: :func:`parse_width` as an argparse ``type``."""
     try:
@@ -130,7 +153,7 @@ def parse_knobs(text) -> List[str]:
 
 def add_run_arguments(t: argparse.ArgumentParser) -> None:
     """Model, data, optimisation and PruneTrain options of a training run."""
-    t.add_argument("--model", default="resnet32", choices=MODELS)
+    t.add_argument("--model", default="resnet32", type=model_arg, metavar="NAME", help=MODEL_HELP)
     t.add_argument("--data", "--dataset", dest="data", default="fashion-mnist",
                    help="fashion-mnist, cifar10, cifar100 or synthetic")
     t.add_argument("--data-dir", default=None, help="folder of the data set (else $PYOPTIM_DATA, system folders)")
@@ -152,6 +175,9 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--interval-unit", choices=("epoch", "step"), default="epoch",
                    help="PruneTrain: what --interval counts")
     t.add_argument("--threshold", type=number(float, 0), default=1e-4, help="PruneTrain: zero groups under this norm")
+    t.add_argument("--lasso-linear", choices=("none", "hidden", "all"), default="none",
+                   help="PruneTrain: which linear layers the group lasso also penalises: none (convs only, "
+                   "the default), hidden (all but the head: the MLPs of ConvNeXt/Swin/ViT blocks), all")
     t.add_argument("--bn-scale", action="store_true", help="PruneTrain: a conv's out-channel groups include "
                    "the scale of the BatchNorm after it (the conv weight alone is scale-free there)")
     t.add_argument("--bn-scale-only", action="store_true", help="PruneTrain: a conv a BatchNorm reads is "

@@ -47,10 +47,10 @@ def _json_file(text: str):
 
 
 def add_arguments(t) -> None:
-    from .options import MODELS
+    from .options import MODEL_HELP, model_arg
     t.add_argument("--nodes", type=_json_file, required=True, help="nodes.json")
     t.add_argument("--curves", type=_json_file, required=True, help="one loss curve per keep ratio")
-    t.add_argument("--model", choices=sorted(MODELS), default="resnet20")
+    t.add_argument("--model", type=model_arg, default="resnet20", metavar="NAME", help=MODEL_HELP)
     t.add_argument("--keeps", type=_keeps, default=[1.0, 0.75, 0.5], help="pruning levels (keep ratios)")
     t.add_argument("--input-shape", default="1,28,28", help="C,H,W of a sample")
     t.add_argument("--num-classes", type=number(int, 2), default=10)

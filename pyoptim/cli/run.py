@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from ..flops import flops_per_sample
 from ..report import layer_channels
-from ..models import build_model  # noqa: F401  (pyoptim.cli.run.build_model, used by the benchmarks)
+from ..models import TORCHVISION_PREFIX, build_model  # noqa: F401  (pyoptim.cli.run.build_model, used by the benchmarks)
 from ..train import Plugin
 from .options import parse_knobs, parse_width
 
@@ -186,7 +186,9 @@ def _plugins(args, clock, knobs, augment_until):
                            restore_norms=getattr(args, "restore_norms", False),
                            lasso_steps=getattr(args, "lasso_steps", 0) or None,
                            min_keep=getattr(args, "min_keep", 0.0),
-                           zero_kept=getattr(args, "zero_kept", False))
+                           zero_kept=getattr(args, "zero_kept", False),
+                           include_linear={"none": False, "hidden": "hidden", "all": True}[
+                               getattr(args, "lasso_linear", "none")])
     return budget, prune
 
 
@@ -214,6 +216,9 @@ def build_run(args, progress: bool = True) -> Run:
     width, plan_info = parse_width(args.width), None
     if width == "auto" and clock is None:
         raise SystemExit("pyoptim: --width auto chooses the width for a budget: give --budget too")
+    if str(args.model).startswith(TORCHVISION_PREFIX) and (width != 1.0 or {"width", "auto"} & set(knobs)):
+        raise SystemExit(f"pyoptim: --width and the width/auto knobs scale pyoptim's own models; {args.model} "
+                         f"has torchvision's fixed widths (pick a narrower variant by name)")
     augment_until = getattr(args, "augment_until", None)
     if augment_until is not None and clock is None:
         raise SystemExit("pyoptim: --augment-until is a share of the budget's training time: give --budget too")

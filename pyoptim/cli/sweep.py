@@ -47,7 +47,7 @@ def run(args) -> int:
     if args.method is None:
         args.method = "dense"
     if args.out is None:
-        args.out = os.path.join("runs", f"sweep-{args.model}-{args.data}")
+        args.out = os.path.join("runs", f"sweep-{args.model.replace(':', '-')}-{args.data}")
     try:
         budgets = [parse_duration(b) for b in str(args.budgets).split(",") if b.strip()]
     except ValueError as exc:

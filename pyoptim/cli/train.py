@@ -132,7 +132,7 @@ def run(args) -> int:
     check_sparse_options(args)
     if args.out is None:
         args.out = (os.path.join("runs", f"sparse-{args.task}") if args.method == "sparse" else
-                    os.path.join("runs", f"{args.model}-{args.data}-{args.method}"
+                    os.path.join("runs", f"{args.model.replace(':', '-')}-{args.data}-{args.method}"
                                  + (f"-budget{args.budget:g}s" if args.budget else "")))
     dense = args.compare_to
     if dense is not None:

@@ -44,9 +44,14 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def group_lasso_targets(model: nn.Module, include_linear: bool = False
+def group_lasso_targets(model: nn.Module, include_linear: Union[bool, str] = False
                         ) -> List[Tuple[str, nn.Parameter, int]]:
     """``(name, weight, groups)`` of every conv (and, if asked, linear) weight of ``model``.
+
+    ``include_linear``: ``False`` (convs only), ``True`` (every linear too) or ``"hidden"``: every
+    linear but the head, the linears whose output reaches the model's output through no other
+    conv/linear (found with ``torch.fx``) — the channels-last blocks of ConvNeXt, Swin or a ViT's
+    MLPs are linears, and their channels are pruned like a conv's.
 
     Grouped and depthwise convs carry their ``groups`` so that the in-channel groups are the real
     input channels (see :mod:`pyoptim.reference.group_lasso`). A transposed conv's weight is
@@ -54,24 +59,52 @@ def group_lasso_targets(model: nn.Module, include_linear: bool = False
     groups apply. The classifier (linear) is left out by default, as in PruneTrain: its output
     channels are the classes.
     """
+    if include_linear not in (True, False, "hidden"):
+        raise ValueError(f"group_lasso_targets: include_linear must be True, False or 'hidden', got "
+                         f"{include_linear!r}")
     kinds = _CONVS + _TRANSPOSED + ((nn.Linear,) if include_linear else ())
+    heads = _head_linears(model) if include_linear == "hidden" else set()
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, kinds) and isinstance(getattr(m, "weight", None), nn.Parameter):
+        if isinstance(m, kinds) and isinstance(getattr(m, "weight", None), nn.Parameter) and name not in heads:
             out.append((f"{name}.weight" if name else "weight", m.weight, getattr(m, "groups", 1)))
     return out
+
+
+def _trace(model: nn.Module, who: str, what: str) -> fx.GraphModule:
+    """The model traced with torch.fx, or a ValueError saying who needed it for what."""
+    from .channel_graph import symbolic_trace
+    try:
+        return symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds
+        raise ValueError(f"{who}: torch.fx cannot trace {type(model).__name__} to find {what} "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def _head_linears(model: nn.Module) -> set:
+    """The linear modules whose output reaches the model's output through no other conv/linear."""
+    gm = _trace(model, "GroupLasso(include_linear='hidden')", "its head")
+    modules = dict(gm.named_modules())
+    heads, seen = set(), set()
+    stack = [a for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        mod = modules.get(n.target) if n.op == "call_module" else None
+        if isinstance(mod, nn.Linear):
+            heads.add(n.target)
+        elif not isinstance(mod, _CONVS + _TRANSPOSED):
+            stack.extend(n.all_input_nodes)
+    return heads
 
 
 def following_batchnorms(model: nn.Module) -> Dict[str, nn.Module]:
     """``{conv weight name: BN}`` for every conv whose output only an affine BatchNorm reads (the
     conv and the BN each called once, traced with ``torch.fx``): the pairs whose out-channel groups
     ``GroupLasso(bn_scale=True)`` extends with the BN scale."""
-    from .channel_graph import symbolic_trace
-    try:
-        gm = symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - fx raises many kinds
-        raise ValueError(f"GroupLasso(bn_scale=True): torch.fx cannot trace {type(model).__name__} to "
-                         f"find the BatchNorm after each conv ({type(e).__name__}: {e})") from e
+    gm = _trace(model, "GroupLasso(bn_scale=True)", "the BatchNorm after each conv")
     modules = dict(gm.named_modules())
     calls: Dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -131,7 +164,8 @@ class GroupLasso:
     or ``prox_(lr)`` after ``optimizer.step()`` takes the proximal step instead.
 
     Args:
-        model: the network; its conv weights (and linear ones with ``include_linear``) are penalised.
+        model: the network; its conv weights (and linear ones with ``include_linear``: ``True``
+            every one, ``"hidden"`` all but the head, see :func:`group_lasso_targets`) are penalised.
         lam: the coefficient; ``None`` sets it at the first ``apply(loss)`` by the LPR rule
             ``lam = lpr * loss / ((1 - lpr) * penalty)`` and keeps it fixed.
         lpr: the lasso-penalty ratio, the share of the total loss the penalty has at the start.
@@ -139,10 +173,19 @@ class GroupLasso:
             (:func:`following_batchnorms`); those convs go through torch ops, not the fused op.
         bn_scale_only: such a conv is penalised by its BN scales alone (``|gamma[k]|`` per
             out-channel, no weight groups); implies ``bn_scale``.
+        grouped: how a grouped (not depthwise) conv with ``G`` groups is grouped. ``"positions"``
+            (default) matches what :class:`ChannelGraph` prunes, the channel positions every conv
+            group shares (Torch-Pruning's ``ch_groups``): in-group ``c`` is column ``c`` of every
+            row, ``||W[:, c]||``, and out-group ``j`` is row ``j`` of every conv group,
+            ``||(W[j], W[wo + j], ..., W[(G-1)*wo + j])||`` (``wo = C_out / G``; with its BN scales
+            under ``bn_scale``), so a position's rows reach zero together. ``"channels"``: every
+            row, and every input channel within its conv group, on its own (the fused op's
+            groups) — finer than anything the graph can remove.
     """
 
     def __init__(self, model: nn.Module, lam: Optional[float] = None, lpr: float = 0.2,
-                 include_linear: bool = False, bn_scale: bool = False, bn_scale_only: bool = False):
+                 include_linear: Union[bool, str] = False, bn_scale: bool = False, bn_scale_only: bool = False,
+                 grouped: str = "positions"):
         if lam is not None and not (math.isfinite(lam) and lam >= 0):
             raise ValueError(f"GroupLasso: lam must be finite and >= 0, got {lam}")
         if not (0.0 < lpr < 1.0):
@@ -153,6 +196,9 @@ class GroupLasso:
         self.include_linear = include_linear
         self.bn_scale_only = bool(bn_scale_only)
         self.bn_scale = bool(bn_scale) or self.bn_scale_only
+        if grouped not in ("positions", "channels"):
+            raise ValueError(f"GroupLasso: grouped must be 'positions' or 'channels', got {grouped!r}")
+        self.grouped = grouped
         self.refresh()
 
     def refresh(self) -> None:
@@ -164,23 +210,48 @@ class GroupLasso:
         #: target index -> the BN scale in its out-channel groups
         self.scales: Dict[int, nn.Parameter] = {
             idx: bns[name].weight for idx, (name, _, _) in enumerate(self.targets) if name in bns}
+        #: target index -> G, for the grouped convs penalised by channel positions
+        self.positions: Dict[int, int] = {
+            idx: g for idx, (_, w, g) in enumerate(self.targets)
+            if self.grouped == "positions" and g > 1 and w.shape[1] > 1}
+        self._unfused = sorted(set(self.scales) | set(self.positions))
         buckets: Dict[Tuple[torch.device, torch.dtype], List[int]] = OrderedDict()
         for idx, (_, w, _) in enumerate(self.targets):
-            if idx not in self.scales:
+            if idx not in self._unfused:
                 buckets.setdefault((w.device, w.dtype), []).append(idx)
         self._buckets = list(buckets.values())
+
+    def _groups(self, idx: int) -> int:
+        """The op's ``groups`` for target idx: 1 for a conv pruned by positions (its in-groups are
+        the columns of the whole weight), else the conv's groups."""
+        return 1 if idx in self.positions else self.targets[idx][2]
+
+    def _joint(self, idx: int, sq: Tensor) -> Tensor:
+        """Per-row squared norms -> per-row norms of the row's out-group (its position across the
+        conv groups, for a conv in ``positions``)."""
+        G = self.positions.get(idx)
+        if G is not None:
+            sq = sq.view(G, -1).sum(0).repeat(G)
+        return sq.sqrt()
+
+    def _multiplicity(self, idx: int) -> int:
+        """How many rows share one out-group norm (the penalty counts it once)."""
+        return self.positions.get(idx, 1)
 
     def _norms(self, idx: int) -> Tuple[Tensor, Tensor, Tensor]:
         """``(out-group norms with the BN scale, weight-only out norms, in norms)`` of target idx
         (under ``bn_scale_only``: ``|gamma|``, and no in-groups: zeros)."""
-        _, w, g = self.targets[idx]
+        _, w, _ = self.targets[idx]
+        g = self._groups(idx)
         if self.bn_scale_only and idx in self.scales:
-            n = self.scales[idx].detach().abs()
+            n = self._joint(idx, self.scales[idx].detach().square())
             return n, torch.zeros_like(n), n.new_zeros(w.shape[1] * g)
         o, i = ops.group_lasso_norms(_contiguous(w.detach()), g)
         gamma = self.scales.get(idx)
-        n = o if gamma is None else torch.sqrt(o.square() + gamma.detach().to(o.dtype).square())
-        return n, o, i
+        if gamma is None and idx not in self.positions:
+            return o, o, i
+        sq = o.square() if gamma is None else o.square() + gamma.detach().to(o.dtype).square()
+        return self._joint(idx, sq), o, i
 
     @torch.no_grad()
     def penalty(self) -> Tensor:
@@ -188,7 +259,7 @@ class GroupLasso:
         total = None
         for idx in range(len(self.targets)):
             n, _, i = self._norms(idx)
-            term = (n.sum() + i.sum()).double()
+            term = (n.sum() / self._multiplicity(idx) + i.sum()).double()
             total = term if total is None else total + term.to(total.device)
         return total
 
@@ -235,28 +306,30 @@ class GroupLasso:
             for original, pos in copy_back:
                 original.copy_(grads[pos])
             total = p if total is None else total + p.to(total.device, total.dtype)
-        for idx, gamma in self.scales.items():
-            p = self._apply_scaled(idx, gamma)
+        for idx in self._unfused:
+            p = self._apply_unfused(idx, self.scales.get(idx))
             total = p if total is None else total + p.to(total.device, total.dtype)
         return total
 
-    def _apply_scaled(self, idx: int, gamma: nn.Parameter) -> Tensor:
-        """``lam * d||(W[k], gamma[k])|| / d(W, gamma) + lam * d||W[:, c]||/dW`` into the grads."""
-        _, w, g = self.targets[idx]
+    def _apply_unfused(self, idx: int, gamma: Optional[nn.Parameter]) -> Tensor:
+        """``lam * d n_k / d(W, gamma) + lam * d||W[:, c]||/dW`` into the grads, ``n_k`` the norm of
+        row k's out-group (with the BN scale, across the conv groups for a conv by positions)."""
+        _, w, _ = self.targets[idx]
+        g = self._groups(idx)
         n, o, i = self._norms(idx)
-        lam = self.lam
-        if self.bn_scale_only:   # lam * d|gamma|/dgamma; the weight is not penalised
+        lam, mult = self.lam, self._multiplicity(idx)
+        inv = torch.where(n == 0, torch.zeros_like(n), n.reciprocal())
+        if gamma is not None:
             if gamma.grad is None:
                 gamma.grad = torch.zeros_like(gamma)
-            gamma.grad.add_(torch.sign(gamma.detach()), alpha=lam)
-            return n.sum() * lam
-        inv = torch.where(n == 0, torch.zeros_like(n), n.reciprocal())
+            gamma.grad.add_((lam * gamma.detach().to(inv.dtype) * inv).to(gamma.dtype))
+        if self.bn_scale_only and gamma is not None:   # the weight is not penalised
+            return n.sum() / mult * lam
         upd = ops.group_lasso_norms_backward(lam * o * inv, torch.full_like(i, lam), _contiguous(w.detach()), o, i, g)
-        for p, d in ((w, upd), (gamma, (lam * gamma.detach().to(inv.dtype) * inv).to(gamma.dtype))):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.add_(d)
-        return (n.sum() + i.sum()) * lam
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        w.grad.add_(upd)
+        return (n.sum() / mult + i.sum()) * lam
 
     @torch.no_grad()
     def prox_(self, step: float, loss: Optional[Union[Tensor, float]] = None) -> None:
@@ -270,7 +343,8 @@ class GroupLasso:
         t = step * self.lam
         if t == 0.0:
             return
-        for idx, (_, w, g) in enumerate(self.targets):
+        for idx, (_, w, _) in enumerate(self.targets):
+            g = self._groups(idx)
             n, o, i = self._norms(idx)
             keep = (1.0 - t / n.clamp_min(1e-30)).clamp_min(0.0)
             gamma = self.scales.get(idx)
@@ -316,28 +390,32 @@ class GroupLasso:
                 if wc.data_ptr() != w.data_ptr():
                     w.copy_(wc)
                 masks[name] = pair
-        for idx, gamma in self.scales.items():
-            name, w, g = self.targets[idx]
+        for idx in self._unfused:
+            gamma = self.scales.get(idx)
+            name, w, _ = self.targets[idx]
+            g = self._groups(idx)
             n, o, i = self._norms(idx)
             keep_o, keep_i = ~(n < threshold), ~(i < threshold)
-            if self.bn_scale_only:   # the scales decide; the rows go with them, no in-groups
+            if self.bn_scale_only and gamma is not None:   # the scales decide; the rows go with them
                 o, i = ops.group_lasso_norms(_contiguous(w.detach()), g)
                 keep_i = torch.ones_like(keep_i)
             # rows, then columns (norms taken before any zeroing, as the fused op does)
             wc = ops.group_lasso_norms_backward(o * keep_o, torch.zeros_like(i), _contiguous(w.detach()), o, i, g)
             o2, i2 = ops.group_lasso_norms(wc, g)
             w.copy_(ops.group_lasso_norms_backward(torch.zeros_like(o2), i2 * keep_i, wc, o2, i2, g))
-            gamma.mul_(keep_o.to(gamma.dtype))
+            if gamma is not None:
+                gamma.mul_(keep_o.to(gamma.dtype))
             masks[name] = (keep_o, keep_i)
         return masks
 
     def state_dict(self) -> dict:
         return {"lam": self.lam, "lpr": self.lpr, "include_linear": self.include_linear,
-                "bn_scale": self.bn_scale, "bn_scale_only": self.bn_scale_only}
+                "bn_scale": self.bn_scale, "bn_scale_only": self.bn_scale_only, "grouped": self.grouped}
 
     def load_state_dict(self, state: dict) -> None:
         self.lam, self.lpr = state["lam"], state["lpr"]
         self.include_linear = state.get("include_linear", self.include_linear)
         self.bn_scale = state.get("bn_scale", self.bn_scale)
         self.bn_scale_only = state.get("bn_scale_only", self.bn_scale_only)
+        self.grouped = state.get("grouped", self.grouped)
         self.refresh()

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -82,6 +82,8 @@ class PruneTrain(Plugin):
         batch_multiple: the grown batch is a multiple of it (and of the world size).
         fuse: run the reconfigured model through :func:`pyoptim.prune.fuse_blocks`.
         lam: a fixed coefficient instead of the LPR rule.
+        include_linear: linear layers penalised too: ``True`` every one, ``"hidden"`` all but the
+            head (the MLPs of channels-last blocks: ConvNeXt, Swin, ViT); ``False`` convs only.
         drop_unread: also remove the channels no consumer reads any more (every conv/linear input
             slice of the channel zeroed) even where their producers are not zero — exact, and it
             removes a channel as soon as group lasso has zeroed its readers' input groups
@@ -126,7 +128,7 @@ class PruneTrain(Plugin):
     def __init__(self, lpr: float = 0.2, interval: int = 10, threshold: float = 1e-4,
                  grow_batch: bool = True, round_to: int = 1, max_batch_size: Optional[int] = None,
                  batch_multiple: int = 8, interval_unit: str = "epoch", fuse: bool = False,
-                 lam: Optional[float] = None, include_linear: bool = False, timing: bool = False,
+                 lam: Optional[float] = None, include_linear: Union[bool, str] = False, timing: bool = False,
                  drop_unread: bool = True, bn_scale: bool = False, proximal: bool = False,
                  lasso_epochs: Optional[int] = None, bn_scale_only: bool = False,
                  restore_norms: bool = False, min_keep: float = 0.0,

@@ -21,10 +21,10 @@ documented descriptions; :func:`nvml_device` reads a real GPU's clocks (read-onl
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Dict, Optional, Sequence, Tuple
 
+from ._jsonfile import JsonFile
 from .._util import positive_number
 
 import numpy as np
@@ -86,7 +86,7 @@ def _dvfs_watts(p: Dict[str, float], sm_mhz, mem_mhz, u_compute, u_memory, sm_ra
 
 
 @dataclass(frozen=True)
-class DeviceSpec:
+class DeviceSpec(JsonFile):
     """A device for the clock planner: ``clock_pairs`` (``(memory MHz, SM MHz)``, as NVML reports
     them), the ``default`` pair (where the profile was measured; NVML's default application
     clocks), ``peak_flops`` (FLOP/s) and ``peak_bandwidth`` (bytes/s) at the default pair, the
@@ -177,16 +177,6 @@ class DeviceSpec:
         if bad:
             raise ValueError(f"device {d['name']!r}: power has missing or unknown fields {bad}")
         return cls(**{**d, "power": PowerModel(**power)})
-
-    def save(self, path: str) -> str:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        return path
-
-    @classmethod
-    def load(cls, path: str) -> "DeviceSpec":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
 
 def _pair(where: str, name: str, p) -> Pair:

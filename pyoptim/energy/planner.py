@@ -26,7 +26,6 @@ time <= (1 + max_slowdown) * the all-default time.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -34,6 +33,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ._jsonfile import JsonFile
 from .device import DeviceSpec
 from .profile import LayerProfile, ModelProfile
 
@@ -180,7 +180,7 @@ def _evaluate(pb: _Problem, assignment: Sequence[int]) -> Tuple[float, float, in
 # ---- the plan --------------------------------------------------------------------------------
 
 @dataclass
-class ClockPlan:
+class ClockPlan(JsonFile):
     """One ``(memory MHz, SM MHz)`` pair per layer (``layers[i]``: ``name``, ``kind``, ``mem_mhz``,
     ``sm_mhz``, its modelled ``seconds``/``joules`` in the planned scope and at the default pair,
     its fitted efficiencies), made for ``model``/``signature`` on ``device``. ``forward`` and
@@ -229,16 +229,6 @@ class ClockPlan:
             raise ValueError("clock plan: " + "; ".join(
                 ([f"missing fields {missing}"] if missing else []) + ([f"unknown fields {unknown}"] if unknown else [])))
         return cls(**d)
-
-    def save(self, path: str) -> str:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        return path
-
-    @classmethod
-    def load(cls, path: str) -> "ClockPlan":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
 
 def _figures(seconds: float, joules: float, d_seconds: float, d_joules: float, switches: int) -> Dict[str, float]:

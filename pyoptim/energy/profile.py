@@ -26,6 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._jsonfile import JsonFile
+
 __all__ = ["Roofline", "LayerProfile", "ModelProfile", "model_signature", "measure_roofline",
            "profile_layers", "project_profile", "LAYER_TYPES"]
 
@@ -81,7 +83,7 @@ class LayerProfile:
 
 
 @dataclass
-class ModelProfile:
+class ModelProfile(JsonFile):
     """The profile of one model on one device: ``model`` (a label, e.g. ``"resnet50"``),
     ``signature`` (:func:`model_signature`: identifies the layers and their shapes),
     ``device`` (its name), ``input_shape`` (of the example input, batch included), ``dtype``,
@@ -111,16 +113,6 @@ class ModelProfile:
         return cls(d["model"], d["signature"], d["device"], list(d["input_shape"]), d["dtype"],
                    [LayerProfile(**lp) for lp in d["layers"]], Roofline(**d["roofline"]),
                    dict(d.get("extra", {})))
-
-    def save(self, path: str) -> str:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        return path
-
-    @classmethod
-    def load(cls, path: str) -> "ModelProfile":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
 
 def model_signature(entries: Sequence[tuple]) -> str:

@@ -84,9 +84,7 @@ _PARAMS: Dict[Tuple[Any, str], int] = {}
 
 
 def _key(target: Any) -> Any:
-    if isinstance(target, str) or isinstance(target, type):
-        return target
-    if callable(target):
+    if isinstance(target, (str, type)) or callable(target):
         return target
     raise TypeError(f"register_channel_op: target must be a function, 'module.qualname', "
                     f"'Tensor.<method>' or a module class, got {type(target).__name__}")

@@ -6,6 +6,12 @@
 //   in-channel  c = g*Cg + j: W[g*K/groups : (g+1)*K/groups, j, :]     -> in_norms[c],   groups*Cg
 // For a depthwise conv (groups == K, Cg == 1) both groups of channel k are W[k]: the out- and the
 // in-channel are the same channel, so its penalty counts twice, as the formula says.
+//
+// Layouts: a weight is contiguous, or (4-D) channels_last / (5-D) channels_last_3d. Either way each
+// out-channel's row of L = Cg*S elements is contiguous at k*L; only the order inside the row
+// differs: position j*S + s (contiguous) or s*Cg + j (channels-last). The kernels index through
+// that, so the norms do not depend on the layout and in-place writes land where they should.
+// A grad must be laid out like its weight.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,6 +34,7 @@ struct Geometry {
   int64_t Cg = 0;      // input channels per group (dim 1)
   int64_t S = 1;       // product of the trailing (spatial) dims
   int64_t groups = 1;  // conv groups; in-channels = groups * Cg
+  bool channels_last = false;  // row positions are s*Cg + j (else j*S + s)
   int64_t rows_per_group() const { return K / groups; }
   int64_t row_len() const { return Cg * S; }
   int64_t in_channels() const { return groups * Cg; }
@@ -36,6 +43,20 @@ struct Geometry {
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// True for a 4-D channels_last or 5-D channels_last_3d tensor that is not also contiguous (a
+// tensor that is both, e.g. a 1x1 conv's, has the same positions either way).
+inline bool is_channels_last(const at::Tensor& t) {
+  if (t.is_contiguous()) return false;
+  if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.dim() == 5) return t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+inline const char* layout_name(const at::Tensor& w, bool channels_last) {
+  if (!channels_last) return "contiguous";
+  return w.dim() == 5 ? "channels_last_3d" : "channels_last";
 }
 
 inline Geometry check_weight(const at::Tensor& w, int64_t groups, const char* op,
@@ -47,8 +68,10 @@ inline Geometry check_weight(const at::Tensor& w, int64_t groups, const char* op
               " must have at least 2 dims [out_channels, in_channels/groups, *], got shape ",
               w.sizes());
   TORCH_CHECK(w.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor");
-  TORCH_CHECK(w.is_contiguous(), op, ": ", name,
-              " must be contiguous (call .contiguous(); channels_last weights are not supported)");
+  const bool cl = is_channels_last(w);
+  TORCH_CHECK(w.is_contiguous() || cl, op, ": ", name,
+              " must be contiguous, or channels_last (4-D) / channels_last_3d (5-D), got shape ",
+              w.sizes(), " with strides ", w.strides(), " (call .contiguous())");
   TORCH_CHECK(groups >= 1, op, ": groups for ", name, " must be >= 1, got ", groups);
   Geometry g;
   g.K = w.size(0);
@@ -56,6 +79,7 @@ inline Geometry check_weight(const at::Tensor& w, int64_t groups, const char* op
   g.S = 1;
   for (int64_t d = 2; d < w.dim(); ++d) g.S *= w.size(d);
   g.groups = groups;
+  g.channels_last = cl;
   TORCH_CHECK(g.K % groups == 0, op, ": ", name, " has ", g.K,
               " output channels, not divisible by groups=", groups);
   return g;
@@ -99,8 +123,14 @@ inline std::vector<Geometry> check_lists(at::TensorList weights, const at::Tenso
                   g.scalar_type(), " but ", wname, " has ", weights[i].scalar_type());
       TORCH_CHECK(g.sizes() == weights[i].sizes(), op, ": ", gname, " has shape ", g.sizes(),
                   " but ", wname, " has ", weights[i].sizes());
-      TORCH_CHECK(g.layout() == at::kStrided && g.is_contiguous(), op, ": ", gname,
-                  " must be contiguous (call .contiguous())");
+      const bool cl = geo.back().channels_last;
+      const bool same_layout =
+          g.layout() == at::kStrided &&
+          (!cl ? g.is_contiguous()
+               : g.is_contiguous(g.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                              : at::MemoryFormat::ChannelsLast3d));
+      TORCH_CHECK(same_layout, op, ": ", gname, " must be contiguous in the layout of ", wname, " (",
+                  layout_name(weights[i], cl), "), got strides ", g.strides());
     }
   }
   return geo;

@@ -132,21 +132,63 @@ def test_model_without_convs_raises():
         pyoptim.GroupLasso(nn.Sequential(nn.Linear(3, 3)))
 
 
-def test_channels_last_model_goes_through_contiguous_copies():
-    torch.manual_seed(4)
-    m1 = SmallNet().double()
-    m2 = SmallNet().double()
+def channels_last_pair(seed, device):
+    """The same SmallNet twice, the second in channels_last, after one backward each."""
+    torch.manual_seed(seed)
+    m1 = SmallNet().double().to(device)
+    m2 = SmallNet().double().to(device)
     m2.load_state_dict(m1.state_dict())
     m2 = m2.to(memory_format=torch.channels_last)
-    x, y = data(4)
+    x, y = data(seed)
     for m in (m1, m2):
-        nn.functional.cross_entropy(m(x), y).backward()
+        nn.functional.cross_entropy(m(x.to(device)), y.to(device)).backward()
+    return m1, m2
+
+
+def test_channels_last_model_is_updated_in_place(backend):
+    """apply on a channels_last model: the same gradient as the contiguous model's, written into
+    the channels_last grads themselves (no contiguous copies of weights or grads)."""
+    m1, m2 = channels_last_pair(4, backend[0])
     assert not m2.conv1.weight.grad.is_contiguous()
+    grads = {n: (p.grad, p.grad.data_ptr(), p.grad.stride()) for n, p in m2.named_parameters()}
     p1 = pyoptim.GroupLasso(m1, lam=0.01, grouped="channels").apply()
     p2 = pyoptim.GroupLasso(m2, lam=0.01, grouped="channels").apply()
     torch.testing.assert_close(p1, p2, rtol=1e-12, atol=0)
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        g, ptr, stride = grads[n]
+        assert b.grad is g and b.grad.data_ptr() == ptr and b.grad.stride() == stride, n
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13, msg=lambda msg: f"{n}: {msg}")
+
+
+def test_grad_in_another_layout_goes_through_a_copy(backend):
+    """A grad laid out unlike its weight (here contiguous for a channels_last weight) still gets
+    the gradient, through a copy written back."""
+    m1, m2 = channels_last_pair(6, backend[0])
+    g = m2.conv1.weight.grad
+    m2.conv1.weight.grad = g.contiguous()
+    assert not m2.conv1.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    pyoptim.GroupLasso(m1, lam=0.01, grouped="channels").apply()
+    pyoptim.GroupLasso(m2, lam=0.01, grouped="channels").apply()
+    torch.testing.assert_close(m1.conv1.weight.grad, m2.conv1.weight.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_channels_last_model_prune_and_prox(backend):
+    m1, m2 = channels_last_pair(7, backend[0])
+    with torch.no_grad():
+        for m in (m1, m2):
+            m.conv1.weight[3] *= 1e-8
+            m.pw.weight[:, 5] *= 1e-8
+    ptr = m2.conv1.weight.data_ptr()
+    k1 = pyoptim.GroupLasso(m1, lam=0.1, grouped="channels").prune_(1e-4)
+    k2 = pyoptim.GroupLasso(m2, lam=0.1, grouped="channels").prune_(1e-4)
+    assert m2.conv1.weight.data_ptr() == ptr and not m2.conv1.weight.is_contiguous()
+    for n in k1:
+        assert torch.equal(k1[n][0], k2[n][0]) and torch.equal(k1[n][1], k2[n][1]), n
+    for gl_model in (m1, m2):
+        pyoptim.GroupLasso(gl_model, lam=0.1, bn_scale=False, grouped="positions").prox_(0.05)
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=lambda msg: f"{n}: {msg}")
+    assert not m2.conv1.weight.is_contiguous()  # the model stays channels_last
 
 
 def test_prune_zeroes_small_channels_of_the_model(backend):

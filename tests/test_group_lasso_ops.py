@@ -270,6 +270,118 @@ def test_opcheck(backend):
         torch.library.opcheck(op, args)
 
 
+# ---- channels_last weights: the same norms, in-place writes through the layout ---------------------
+
+# (shape, groups, memory format): plain, odd, grouped, depthwise (Cg == 1: also contiguous), 1x1
+# (S == 1: also contiguous) and conv3d in channels_last_3d
+CL_SHAPES = [
+    ((33, 17, 3, 3), 1, torch.channels_last),
+    ((12, 4, 3, 3), 3, torch.channels_last),
+    ((8, 6, 5, 7), 2, torch.channels_last),
+    ((16, 1, 3, 3), 16, torch.channels_last),
+    ((64, 32, 1, 1), 1, torch.channels_last),
+    ((4, 3, 2, 3, 3), 1, torch.channels_last_3d),
+]
+CL_IDS = ["conv3x3_odd", "grouped3", "grouped2_5x7", "depthwise", "conv1x1", "conv3d"]
+
+
+def to_format(t, fmt):
+    out = t.contiguous(memory_format=fmt)
+    assert out.is_contiguous(memory_format=fmt)
+    return out
+
+
+@pytest.mark.parametrize("shape,groups,fmt", CL_SHAPES, ids=CL_IDS)
+def test_channels_last_norms_float64(backend, shape, groups, fmt):
+    device, _ = backend
+    w = to_format(rand(shape, torch.float64, device, 700), fmt)
+    out, inn = torch.ops.pyoptim.group_lasso_norms(w, groups)
+    ro, ri = ref.group_lasso_norms(w.cpu().contiguous(), groups)
+    torch.testing.assert_close(out.cpu(), ro, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inn.cpu(), ri, rtol=1e-12, atol=1e-12)
+
+
+def mixed_list(device, dtype, seed):
+    """NCHW, channels_last (plain, grouped, depthwise, 1x1), channels_last_3d and linear weights."""
+    specs = [((6, 5, 3, 3), 1, None), ((33, 17, 3, 3), 1, torch.channels_last), ((7, 129), 1, None),
+             ((12, 4, 3, 3), 3, torch.channels_last), ((16, 1, 3, 3), 16, torch.channels_last),
+             ((9, 8, 3, 3), 1, None), ((64, 32, 1, 1), 1, torch.channels_last),
+             ((4, 3, 2, 3, 3), 1, torch.channels_last_3d), ((8, 6, 5, 7), 2, torch.channels_last)]
+    ws = []
+    for i, (shape, _, fmt) in enumerate(specs):
+        w = rand(shape, dtype, device, seed + i)
+        ws.append(w if fmt is None else to_format(w, fmt))
+    return ws, [g for _, g, _ in specs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_channels_last_mixed_list_grad(backend, dtype):
+    device, _ = backend
+    ws, groups = mixed_list(device, dtype, 710)
+    grads = [torch.empty_like(w).copy_(rand(w.shape, dtype, device, 720 + i)) for i, w in enumerate(ws)]
+    strides = [g.stride() for g in grads]
+    want = [g.cpu().double().contiguous() for g in grads]
+    want_pen = ref.group_lasso_grad_([w.cpu().double().contiguous() for w in ws], want, 0.37, groups)
+    pen = torch.ops.pyoptim.group_lasso_grad_(ws, grads, 0.37, groups)
+    tol = tolerances(dtype)
+    torch.testing.assert_close(pen.cpu().double(), want_pen, **tol)
+    for i, (g, r) in enumerate(zip(grads, want)):
+        assert g.stride() == strides[i]  # written in place, through its own layout
+        torch.testing.assert_close(g.cpu().double(), r.to(dtype).double(), **tol,
+                                   msg=lambda m: f"grads[{i}]: {m}")
+
+
+def test_channels_last_mixed_list_prune(backend):
+    device, _ = backend
+    ws, groups = mixed_list(device, torch.float64, 730)
+    for w in ws:
+        if w.shape[0] > 2:
+            w[1] *= 1e-6                       # a small out-channel
+        if w.shape[1] > 2:
+            w[:, 2] *= 1e-6                    # a small in-channel (slot 2 of every conv group)
+    strides = [w.stride() for w in ws]
+    want = [w.cpu().contiguous() for w in ws]
+    want_out, want_in = ref.group_lasso_prune_(want, 1e-3, groups)
+    out_keep, in_keep = torch.ops.pyoptim.group_lasso_prune_(ws, 1e-3, groups)
+    assert torch.equal(out_keep.cpu(), want_out) and torch.equal(in_keep.cpu(), want_in)
+    assert not want_out.all() and not want_in.all()
+    for i, (w, r) in enumerate(zip(ws, want)):
+        assert w.stride() == strides[i]
+        torch.testing.assert_close(w.cpu(), r, rtol=0, atol=0, msg=lambda m: f"weights[{i}]: {m}")
+
+
+@pytest.mark.parametrize("shape,groups,fmt", CL_SHAPES, ids=CL_IDS)
+def test_channels_last_norms_backward(backend, shape, groups, fmt):
+    device, _ = backend
+    w = to_format(rand(shape, torch.float64, device, 740), fmt)
+    out, inn = torch.ops.pyoptim.group_lasso_norms(w, groups)
+    go, gi = rand(out.shape, torch.float64, device, 741), rand(inn.shape, torch.float64, device, 742)
+    got = torch.ops.pyoptim.group_lasso_norms_backward(go, gi, w, out, inn, groups)
+    assert got.stride() == w.stride()  # w's layout
+    want = ref.group_lasso_norms_backward(go.cpu(), gi.cpu(), w.cpu().contiguous(), out.cpu(), inn.cpu(), groups)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+    # autograd through the norms of a channels_last leaf
+    leaf = w.clone().requires_grad_(True)
+    o, i = torch.ops.pyoptim.group_lasso_norms(leaf, groups)
+    (o * go).sum().add((i * gi).sum()).backward()
+    torch.testing.assert_close(leaf.grad.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_opcheck(backend):
+    device, _ = backend
+    w = to_format(rand((6, 4, 3, 3), torch.float64, device, 750), torch.channels_last)
+    wd = to_format(rand((8, 3, 3, 3), torch.float64, device, 751), torch.channels_last)
+    out, inn = (t.to(device) for t in ref.group_lasso_norms(w.cpu(), 1))
+    torch.library.opcheck(torch.ops.pyoptim.group_lasso_norms.default, (w, 1))
+    torch.library.opcheck(torch.ops.pyoptim.group_lasso_norms.default, (w.clone().requires_grad_(True), 1))
+    torch.library.opcheck(torch.ops.pyoptim.group_lasso_norms.default, (wd.clone().requires_grad_(True), 2))
+    torch.library.opcheck(torch.ops.pyoptim.group_lasso_norms_backward.default, (
+        rand((6,), torch.float64, device, 752), rand((4,), torch.float64, device, 753), w, out, inn, 1))
+    torch.library.opcheck(torch.ops.pyoptim.group_lasso_grad_.default, (
+        [w, wd.contiguous()], [torch.randn_like(w), torch.randn_like(wd.contiguous())], 0.25, [1, 2]))
+    torch.library.opcheck(torch.ops.pyoptim.group_lasso_prune_.default, ([w.clone(), wd.clone()], 0.5, [1, 2]))
+
+
 # ---- bad input: a clear error that names the argument -------------------------------------------
 
 def bad_input_cases(device):
@@ -279,6 +391,11 @@ def bad_input_cases(device):
     yield "int dtype", lambda: torch.ops.pyoptim.group_lasso_norms(torch.ones(4, 3, dtype=torch.int64, device=device), 1), r"w must be float16"
     yield "1-d", lambda: torch.ops.pyoptim.group_lasso_norms(torch.ones(4, device=device), 1), r"w must have at least 2 dims"
     yield "non-contiguous", lambda: torch.ops.pyoptim.group_lasso_norms(nc, 1), r"w must be contiguous"
+    yield "sliced weight", lambda: torch.ops.pyoptim.group_lasso_grad_([w, rand((8, 3, 3, 3), torch.float32, device, 502)[::2]], [g, g.clone()], 0.1, None), r"weights\[1\] must be contiguous, or channels_last"
+    yield "transposed spatial", lambda: torch.ops.pyoptim.group_lasso_norms(w.transpose(2, 3), 1), r"w must be contiguous, or channels_last"
+    yield "channels_last 3-D", lambda: torch.ops.pyoptim.group_lasso_norms(rand((4, 3, 5), torch.float32, device, 503).transpose(1, 2).contiguous().transpose(1, 2), 1), r"w must be contiguous"
+    yield "grad layout", lambda: torch.ops.pyoptim.group_lasso_grad_([w.contiguous(memory_format=torch.channels_last)], [g], 0.1, None), r"grads\[0\] must be contiguous in the layout of weights\[0\] \(channels_last\)"
+    yield "channels_last grad", lambda: torch.ops.pyoptim.group_lasso_grad_([w], [g.contiguous(memory_format=torch.channels_last)], 0.1, None), r"grads\[0\] must be contiguous in the layout of weights\[0\] \(contiguous\)"
     yield "groups", lambda: torch.ops.pyoptim.group_lasso_norms(w, 3), r"w has 4 output channels, not divisible by groups=3"
     yield "list lengths", lambda: torch.ops.pyoptim.group_lasso_grad_([w, w], [g], 0.1, None), r"weights and grads must have the same length"
     yield "grad shape", lambda: torch.ops.pyoptim.group_lasso_grad_([w], [torch.zeros(4, 3, 3, 2, device=device)], 0.1, None), r"grads\[0\] has shape \[4, 3, 3, 2\] but weights\[0\] has \[4, 3, 3, 3\]"

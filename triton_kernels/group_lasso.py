@@ -5,6 +5,12 @@ Same semantics as ``pyoptim/reference/group_lasso.py`` (the spec). A weight ``W`
 product of the trailing dims); column ``col`` of conv group ``g`` belongs to in-channel
 ``g*Cg + col//S``.
 
+Layouts: ``W`` contiguous, or (4-D) channels_last / (5-D) channels_last_3d. Each out-channel's
+row of ``N`` elements is contiguous in both, so the matrix view and the tile kernels read memory
+order; only the column of in-channel slot ``j`` at spatial ``s`` differs (``j*S + s``, or
+``s*Cg + j`` channels-last): the finish kernel gathers and the scale kernel maps columns under the
+``CL`` constexpr.
+
 Kernels (one launch set per tensor; only computed integer offsets, no pointer tables):
 
 1. ``_gl_partials_kernel``: one program per ``[BLOCK_K, BLOCK_N]`` tile of the matrix view; tiles
@@ -106,7 +112,7 @@ def _gl_finish_kernel(out_part_ptr, in_part_ptr, out_norm_ptr, in_norm_ptr,
                       K, n_ct, C, Cg, S, N, n_rt, n_out_progs,
                       BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_RT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                      IS_FP64: tl.constexpr):
+                      IS_FP64: tl.constexpr, CL: tl.constexpr):
     pid = tl.program_id(0)
     # the two branches name their values apart: a runtime `if` may not give one name two types
     # (the accumulators differ in shape), which the compiler refuses and the interpreter allows
@@ -122,12 +128,18 @@ def _gl_finish_kernel(out_part_ptr, in_part_ptr, out_norm_ptr, in_norm_ptr,
             acc_out += tl.load(out_part_ptr + row_base[:, None] + t[None, :], mask=m, other=0.0)
         tl.store(out_norm_ptr + rows, _sqrt(tl.sum(acc_out, axis=1), IS_FP64), mask=rmask)
     else:
-        # in_norms[g*Cg + j] = sqrt(sum_{rt, s} in_partial[g*n_rt + rt, j*S + s])
+        # in_norms[g*Cg + j] = sqrt(sum_{rt, s} in_partial[g*n_rt + rt, col(j, s)]),
+        # col = j*S + s (contiguous) or s*Cg + j (channels-last)
         ch = (pid - n_out_progs) * BLOCK_C + tl.arange(0, BLOCK_C)
         chmask = ch < C
         g = ch // Cg
         j = ch % Cg
-        ch_base = (g * n_rt).to(tl.int64) * N + j * S  # [BLOCK_C]
+        if CL:
+            ch_base = (g * n_rt).to(tl.int64) * N + j  # [BLOCK_C]
+            s_step = Cg
+        else:
+            ch_base = (g * n_rt).to(tl.int64) * N + j * S
+            s_step = 1
         acc_in = _to_acc(tl.zeros([BLOCK_RT, BLOCK_C, BLOCK_S], dtype=tl.float32), IS_FP64)
         for r0 in range(0, n_rt, BLOCK_RT):
             r = r0 + tl.arange(0, BLOCK_RT)
@@ -135,7 +147,7 @@ def _gl_finish_kernel(out_part_ptr, in_part_ptr, out_norm_ptr, in_norm_ptr,
             rm = r < n_rt
             for s0 in range(0, S, BLOCK_S):
                 s = s0 + tl.arange(0, BLOCK_S)
-                offs = roff[:, None, None] + ch_base[None, :, None] + s[None, None, :]
+                offs = roff[:, None, None] + ch_base[None, :, None] + (s * s_step)[None, None, :]
                 m = rm[:, None, None] & chmask[None, :, None] & (s < S)[None, None, :]
                 acc_in += tl.load(in_part_ptr + offs, mask=m, other=0.0)
         tot = tl.sum(tl.sum(acc_in, axis=2), axis=0)
@@ -146,10 +158,13 @@ def _gl_finish_kernel(out_part_ptr, in_part_ptr, out_norm_ptr, in_norm_ptr,
 def _gl_scale_kernel(w_ptr, dst_ptr, on_ptr, in_ptr, so_ptr, si_ptr, lam_hi, lam_lo,
                      KPG, N, Cg, S, n_rt, n_ct,
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     MODE: tl.constexpr, IS_FP64: tl.constexpr):
+                     MODE: tl.constexpr, IS_FP64: tl.constexpr, CL: tl.constexpr):
     g, grt, ct, rows, cols, rmask, cmask, krow, offs = _tile_coords(KPG, N, n_rt, n_ct,
                                                                     BLOCK_K, BLOCK_N)
-    ch = g * Cg + cols // S  # in-channel of each column
+    if CL:
+        ch = g * Cg + cols % Cg  # in-channel of each column
+    else:
+        ch = g * Cg + cols // S
     mask = rmask[:, None] & cmask[None, :]
     if MODE == 2:  # PRUNE: so/si are uint8 keep masks; write zeros where either is false
         ko = tl.load(so_ptr + krow, mask=rmask, other=1)
@@ -182,6 +197,15 @@ def _gl_scale_kernel(w_ptr, dst_ptr, on_ptr, in_ptr, so_ptr, si_ptr, lam_hi, lam
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
+def channels_last(t: Tensor) -> bool:
+    """True for a 4-D channels_last / 5-D channels_last_3d tensor that is not also contiguous (a
+    tensor that is both, e.g. a 1x1 conv's, has the same column order either way)."""
+    if t.is_contiguous():
+        return False
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return fmt is not None and t.is_contiguous(memory_format=fmt)
+
+
 def _geometry(w: Tensor, groups: int) -> Tuple[int, int, int, int]:
     assert w.dim() >= 2 and groups >= 1 and w.shape[0] % groups == 0
     K, Cg = int(w.shape[0]), int(w.shape[1])
@@ -214,10 +238,12 @@ def _finish_cfg(K: int, n_ct: int, C: int, S: int, n_rt: int) -> Tuple[int, int,
 class _Plan:
     """Geometry and tile configuration of one weight (non-empty)."""
 
-    __slots__ = ("K", "Cg", "S", "KPG", "N", "groups", "fp64", "BK", "BN", "nw", "n_rt", "n_ct")
+    __slots__ = ("K", "Cg", "S", "KPG", "N", "groups", "fp64", "cl", "BK", "BN", "nw", "n_rt",
+                 "n_ct")
 
     def __init__(self, w: Tensor, groups: int):
-        assert w.is_contiguous()
+        self.cl = channels_last(w)
+        assert self.cl or w.is_contiguous()
         self.K, self.Cg, self.S, self.KPG = _geometry(w, groups)
         self.N = self.Cg * self.S
         self.groups = groups
@@ -256,7 +282,7 @@ def _norms_into(w: Tensor, groups: int, out_norms: Tensor, in_norms: Tensor) -> 
         out_part, in_part, out_norms, in_norms,
         p.K, p.n_ct, C, p.Cg, p.S, p.N, p.n_rt, n_out_progs,
         BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_RT=block_rt, BLOCK_C=block_c, BLOCK_S=block_s,
-        IS_FP64=p.fp64, num_warps=nw)
+        IS_FP64=p.fp64, CL=p.cl, num_warps=nw)
     return p
 
 
@@ -265,7 +291,7 @@ def _scale(p: _Plan, w: Tensor, dst: Tensor, on: Tensor, inn: Tensor, so: Tensor
     lam_hi, lam_lo = lam
     _gl_scale_kernel[p.grid](w, dst, on, inn, so, si, lam_hi, lam_lo,
                              p.KPG, p.N, p.Cg, p.S, p.n_rt, p.n_ct,
-                             BLOCK_K=p.BK, BLOCK_N=p.BN, MODE=mode, IS_FP64=p.fp64,
+                             BLOCK_K=p.BK, BLOCK_N=p.BN, MODE=mode, IS_FP64=p.fp64, CL=p.cl,
                              num_warps=p.nw)
 
 
@@ -288,8 +314,9 @@ def group_lasso_norms(w: Tensor, groups: int = 1) -> Tuple[Tensor, Tensor]:
 
 def group_lasso_norms_backward(grad_out_norms: Tensor, grad_in_norms: Tensor, w: Tensor,
                                out_norms: Tensor, in_norms: Tensor, groups: int = 1) -> Tensor:
-    """``W * (g_o[k]/o[k] + g_i[c]/i[c])`` (a term is 0 where its norm is 0), dtype of ``w``."""
-    out = torch.empty_like(w)
+    """``W * (g_o[k]/o[k] + g_i[c]/i[c])`` (a term is 0 where its norm is 0), dtype and layout
+    of ``w``."""
+    out = torch.empty_like(w)  # a dense w: the same strides, so the same column order
     if w.numel() == 0:
         return out
     p = _Plan(w, groups)
@@ -330,7 +357,7 @@ def group_lasso_grad_(weights: Sequence[Tensor], grads: Sequence[Tensor], lam: f
         p = _norms_into(w, gr, on, inn)
         if p is None:
             continue
-        assert g.shape == w.shape and g.is_contiguous()
+        assert g.shape == w.shape and channels_last(g) == p.cl  # checked by the op
         _scale(p, w, g, on, inn, on, inn, lam_split, _MODE_GRAD)
 
     res = torch.float64 if torch.float64 in bufs else torch.float32

@@ -9,6 +9,8 @@
 //   2. finish (serial, O(channels)): in-channel sums over ranges and over s, square roots, the
 //      penalty, and per-position coefficients (lam/||in-channel||, or keep flags for pruning).
 //   3. apply: grad[k, p] += w[k, p] * (coef_out[k] + coef_pos[p]), parallel over items.
+// Positions p are memory order within a row, so passes 1 and 3 are layout-blind; a channels_last
+// weight (and grad) only changes which positions the finish step gathers per in-channel.
 // A batch (~1 MB of weights, or one larger tensor) is still in cache when step 3 reads it again, so a call
 // moves close to 3 passes over memory instead of 4. Results are deterministic: the split into
 // ranges depends only on the shapes and the thread count, and the reduction order is fixed.
@@ -80,6 +82,15 @@ template <typename acc>
 inline acc safe_reciprocal(acc x) {
   return x == acc(0) ? acc(0) : acc(1) / x;  // subgradient 0 at a zero group; NaN stays NaN
 }
+
+// In-channel c = g*Cg + j of a weight owns S positions of its conv group's [Cg*S] row block:
+// first_position(c) + q*position_step for q < S. Rows are contiguous in both layouts; only the
+// positions inside a row differ (j*S + s contiguous, s*Cg + j channels_last).
+inline int64_t first_position(const Geometry& g, int64_t c) {
+  const int64_t j = c % g.Cg;
+  return (c / g.Cg) * g.row_len() + (g.channels_last ? j : j * g.S);
+}
+inline int64_t position_step(const Geometry& g) { return g.channels_last ? g.Cg : 1; }
 
 enum class Mode { kNorms, kGrad, kPrune, kNormsBackward };
 
@@ -190,20 +201,21 @@ double run(Mode mode, const std::vector<at::Tensor>& weights, const std::vector<
           on[k] = g.row_len() == 0 ? acc(0) : std::sqrt(on[k]);
           sum += on[k];
         }
+        const int64_t step = position_step(g);
         for (int64_t c = 0; c < g.in_channels(); ++c) {
-          const int64_t base = pos_off[t] + (c / g.Cg) * L + (c % g.Cg) * g.S;
+          const int64_t base = pos_off[t] + first_position(g, c);
           acc s = 0;
           for (int64_t r = 0; r < nranges; ++r)
-            for (int64_t q = 0; q < g.S; ++q) s += colbuf[r * npos + base + q];
+            for (int64_t q = 0; q < g.S; ++q) s += colbuf[r * npos + base + q * step];
           in[c] = std::sqrt(s);
           sum += in[c];
           if (mode == Mode::kGrad) {
             const acc coef = static_cast<acc>(lam_or_threshold) * safe_reciprocal(in[c]);
-            for (int64_t q = 0; q < g.S; ++q) coef_pos[base + q] = coef;
+            for (int64_t q = 0; q < g.S; ++q) coef_pos[base + q * step] = coef;
           } else if (mode == Mode::kPrune) {
             const uint8_t keep = !(in[c] < static_cast<acc>(lam_or_threshold));
             keep_in->at(first + t).template mutable_data_ptr<bool>()[c] = keep;
-            for (int64_t q = 0; q < g.S; ++q) keep_pos[base + q] = keep;
+            for (int64_t q = 0; q < g.S; ++q) keep_pos[base + q * step] = keep;
           }
         }
         penalty += sum;
@@ -227,10 +239,11 @@ double run(Mode mode, const std::vector<at::Tensor>& weights, const std::vector<
         const acc* gi = grad_in_norms->template const_data_ptr<acc>();
         coef_row[t].resize(g.K);
         for (int64_t k = 0; k < g.K; ++k) coef_row[t][k] = go[k] * safe_reciprocal(on[k]);
+        const int64_t step = position_step(g);
         for (int64_t c = 0; c < g.in_channels(); ++c) {
-          const int64_t base = pos_off[t] + (c / g.Cg) * g.row_len() + (c % g.Cg) * g.S;
+          const int64_t base = pos_off[t] + first_position(g, c);
           const acc coef = gi[c] * safe_reciprocal(in[c]);
-          for (int64_t q = 0; q < g.S; ++q) coef_pos[base + q] = coef;
+          for (int64_t q = 0; q < g.S; ++q) coef_pos[base + q * step] = coef;
         }
       }
     }

@@ -5,17 +5,20 @@
 // [outer, k, inner], and output row r = (o, j) is input row (o, indices[i][j]): one contiguous
 // chunk of inner_bytes bytes. The kernel copies bytes, so any dtype works.
 //
-// Launch structure (NVIDIA apex multi_tensor_apply style: one launch for the whole list).
-//   host : one metadata table (per-tensor pointers and tiling, plus prefix sums of each tensor's
-//          tiles) packed into a pinned buffer, copied H2D non_blocking on the current stream.
-//          Tensors with nothing to copy are left out of the table. A block finds its tensor by
-//          binary search over the prefix sums, so the table is O(#tensors), not O(#tiles).
+// Launch structure (after NVIDIA apex multi_tensor_apply and torch's _foreach kernels).
+//   host : per-tensor metadata (pointers and tiling) goes BY VALUE in the kernel's arguments, in
+//          batches of up to Batch::kCapacity tensors (multi_tensor.cuh; 4 KiB of arguments): one
+//          launch for a list that fits, consecutive launches for a longer one (the tensors are
+//          independent, so nothing spans launches). Nothing is copied host-to-device, so a call can
+//          be captured in a CUDA graph. Tensors with nothing to copy are left out. A block finds
+//          its tensor by binary search over prefix sums of each tensor's tiles.
 //   cc_copy_kernel : one block per tile (grid-stride). Rows are split into units of V bytes,
-//          V = the widest of 16/8/4/2/1 that divides inner_bytes and both base pointers. A tile is
-//          either rpt >= 1 whole rows of <= kTileUnits units in all, or (a long row) one chunk of
-//          <= kTileUnits units of one row. The block first resolves the source row of each of its
-//          rows (one index load and range check per row, into shared memory), then copies its
-//          units with consecutive threads on consecutive units (coalesced).
+//          V = the widest of 16/8/4/2/1 that divides inner_bytes and both base pointers (the
+//          batch's code byte holds log2 V). A tile is either rpt >= 1 whole rows of <= kTileUnits
+//          units in all, or (a long row) one chunk of <= kTileUnits units of one row. The block
+//          first resolves the source row of each of its rows (one index load and range check per
+//          row, into shared memory), then copies its units with consecutive threads on
+//          consecutive units (coalesced).
 // Out-of-range indices trip CUDA_KERNEL_ASSERT on the device (no host sync); the offending rows
 // are never read, even where device asserts are compiled out. Like CUDA index_select, indices are
 // only looked at where the output has bytes to write.
@@ -27,7 +30,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -51,22 +53,13 @@ struct TensorMeta {
   int64_t k;          // kept indices
   int64_t size;       // extent of the selected dim
   int64_t row_bytes;  // inner_bytes (> 0)
-  int64_t units;      // units of vec bytes per row (> 0)
   int64_t rows;       // output rows, outer * k (> 0)
   int64_t rpt;        // rows per tile (1 for long rows)
-  int64_t cpr;        // tiles per row (chunks; 1 unless rpt == 1)
-  int64_t vec;        // unit width in bytes: 16, 8, 4, 2 or 1
 };
-static_assert(sizeof(TensorMeta) % alignof(int64_t) == 0, "table sections stay aligned");
+struct Head {};  // nothing shared beyond the tensors
 
-struct Table {
-  const TensorMeta* meta;
-  const int64_t* tile_start;  // [T+1], prefix sums of each tensor's tiles
-  int64_t T;
-};
-
-using pyoptim::cuda::ceil_div;
-using pyoptim::cuda::find_tensor;
+using Batch = cuda::TensorBatch<Head, TensorMeta, 1>;
+using cuda::ceil_div;
 
 template <int V> struct Unit;
 template <> struct Unit<16> { using type = uint4; };
@@ -105,18 +98,22 @@ __device__ __forceinline__ void copy_tile(const char* const* src_rows, char* dst
   }
 }
 
-__global__ void __launch_bounds__(kThreads) cc_copy_kernel(Table tab, int64_t n_tiles) {
+__global__ void __launch_bounds__(kThreads) cc_copy_kernel(const __grid_constant__ Batch b) {
   __shared__ const char* src_rows[kTileUnits];  // rpt <= kTileUnits
+  const int64_t n_tiles = b.items(0);
   for (int64_t item = blockIdx.x; item < n_tiles; item += gridDim.x) {
-    const int64_t t = find_tensor(tab.tile_start, tab.T, item);
-    const TensorMeta m = tab.meta[t];
-    const int64_t local = item - tab.tile_start[t];
-    const int64_t rt = local / m.cpr;
-    const int64_t c = local - rt * m.cpr;
+    const int t = b.find(0, item);
+    const TensorMeta m = b.meta[t];
+    const int vec_log2 = b.code[t];
+    const int64_t units = m.row_bytes >> vec_log2;
+    const int64_t cpr = ceil_div(units, kTileUnits);  // tiles per row (chunks; 1 unless rpt == 1)
+    const int64_t local = item - b.start[0][t];
+    const int64_t rt = local / cpr;
+    const int64_t c = local - rt * cpr;
     const int64_t row0 = rt * m.rpt;
     const int nr = static_cast<int>(m.rpt < m.rows - row0 ? m.rpt : m.rows - row0);
     const int64_t ub = c * kTileUnits;
-    const int w = static_cast<int>(m.units - ub < kTileUnits ? m.units - ub : kTileUnits);
+    const int w = static_cast<int>(units - ub < kTileUnits ? units - ub : kTileUnits);
     for (int rl = static_cast<int>(threadIdx.x); rl < nr; rl += kThreads) {
       const int64_t r = row0 + rl;
       const int64_t o = r / m.k;
@@ -127,12 +124,12 @@ __global__ void __launch_bounds__(kThreads) cc_copy_kernel(Table tab, int64_t n_
     }
     __syncthreads();
     char* dst_row0 = m.dst + row0 * m.row_bytes;
-    // m.vec depends only on the item: the branch is block-uniform.
-    switch (m.vec) {
-      case 16: copy_tile<16>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
-      case 8: copy_tile<8>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
-      case 4: copy_tile<4>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
-      case 2: copy_tile<2>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
+    // vec_log2 depends only on the item: the branch is block-uniform.
+    switch (vec_log2) {
+      case 4: copy_tile<16>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
+      case 3: copy_tile<8>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
+      case 2: copy_tile<4>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
+      case 1: copy_tile<2>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
       default: copy_tile<1>(src_rows, dst_row0, m.row_bytes, nr, w, ub); break;
     }
     __syncthreads();  // src_rows is rewritten by the next item
@@ -146,14 +143,15 @@ unsigned int grid_for(int64_t n) {
   return static_cast<unsigned int>(std::min<int64_t>(n, std::numeric_limits<int32_t>::max()));
 }
 
-// Widest unit that divides the row length and both base pointers (hence every row start).
-int64_t unit_width(const void* src, const void* dst, int64_t row_bytes) {
+// log2 of the widest unit (16, 8, 4, 2 or 1 bytes) that divides the row length and both base
+// pointers (hence every row start).
+uint8_t unit_width_log2(const void* src, const void* dst, int64_t row_bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
                       static_cast<uintptr_t>(row_bytes);
-  for (int64_t v : {16, 8, 4, 2}) {
-    if ((a & static_cast<uintptr_t>(v - 1)) == 0) return v;
+  for (uint8_t l = 4; l > 0; --l) {
+    if ((a & ((uintptr_t(1) << l) - 1)) == 0) return l;
   }
-  return 1;
+  return 0;
 }
 
 std::vector<at::Tensor> channel_compact_cuda(at::TensorList tensors, at::IntArrayRef dims,
@@ -168,53 +166,32 @@ std::vector<at::Tensor> channel_compact_cuda(at::TensorList tensors, at::IntArra
   c10::cuda::CUDAGuard guard(tensors[0].device());
   std::vector<at::Tensor> out = alloc_outputs(tensors, geo);
 
-  std::vector<TensorMeta> meta;
-  std::vector<int64_t> tile_start{0};
-  meta.reserve(tensors.size());
-  tile_start.reserve(tensors.size() + 1);
+  std::vector<cuda::BatchEntry<TensorMeta, 1>> list;
+  list.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const Geometry& g = geo[i];
     const int64_t rows = g.outer * g.k;
     if (rows == 0 || g.inner_bytes == 0) continue;  // empty output: nothing to copy
-    TensorMeta m{};
+    cuda::BatchEntry<TensorMeta, 1> e;
+    TensorMeta& m = e.meta;
     m.src = static_cast<const char*>(tensors[i].const_data_ptr());
     m.dst = static_cast<char*>(out[i].mutable_data_ptr());
     m.idx = indices[i].const_data_ptr<int64_t>();
     m.k = g.k;
     m.size = g.size;
     m.row_bytes = g.inner_bytes;
-    m.vec = unit_width(m.src, m.dst, m.row_bytes);
-    m.units = m.row_bytes / m.vec;
     m.rows = rows;
-    m.rpt = m.units >= kTileUnits ? 1 : kTileUnits / m.units;
-    m.cpr = ceil_div(m.units, kTileUnits);
-    meta.push_back(m);
-    tile_start.push_back(tile_start.back() + ceil_div(rows, m.rpt) * m.cpr);
+    e.code = unit_width_log2(m.src, m.dst, m.row_bytes);
+    const int64_t units = m.row_bytes >> e.code;
+    m.rpt = units >= kTileUnits ? 1 : kTileUnits / units;
+    e.work[0] = ceil_div(rows, m.rpt) * ceil_div(units, kTileUnits);
+    list.push_back(e);
   }
-  const int64_t n_tiles = tile_start.back();
-  if (n_tiles == 0) return out;
-
-  // Pack the table into pinned memory and queue its H2D copy on the current stream. copy_ records
-  // the stream on the pinned block, so the caching host allocator will not recycle it before the
-  // copy is done; the device copy is freed stream-ordered after the kernel that reads it.
-  const size_t T = meta.size();
-  const size_t meta_bytes = T * sizeof(TensorMeta);
-  const size_t start_bytes = (T + 1) * sizeof(int64_t);
-  const int64_t total = static_cast<int64_t>(meta_bytes + start_bytes);
-  at::Tensor host = at::empty({total}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  uint8_t* h = host.mutable_data_ptr<uint8_t>();
-  std::memcpy(h, meta.data(), meta_bytes);
-  std::memcpy(h + meta_bytes, tile_start.data(), start_bytes);
-  at::Tensor table =
-      at::empty({total}, at::TensorOptions().dtype(at::kByte).device(tensors[0].device()));
-  table.copy_(host, /*non_blocking=*/true);
-  const uint8_t* d = table.const_data_ptr<uint8_t>();
-  const Table tab{reinterpret_cast<const TensorMeta*>(d),
-                  reinterpret_cast<const int64_t*>(d + meta_bytes), static_cast<int64_t>(T)};
-
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cc_copy_kernel<<<grid_for(n_tiles), kThreads, 0, stream>>>(tab, n_tiles);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (const Batch& b : cuda::make_batches<Batch>(Head{}, list)) {
+    cc_copy_kernel<<<grid_for(b.items(0)), kThreads, 0, stream>>>(b);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return out;
 }
 

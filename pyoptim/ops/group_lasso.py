@@ -7,8 +7,11 @@ channel groups of grouped and depthwise convs)::
     penalty = lam * (sum_k ||W[k]||_2 + sum_c ||W[:, c]||_2)
     dpenalty/dW = lam * (W / ||W[k]|| + W / ||W[:, c]||)      (a zero-norm group contributes 0)
 
-Backends: C++ (CPU), CUDA (one launch set for the whole list), Triton, reference.
-Weights: float16, bfloat16, float32 (norms and penalty in float32) and float64 (in float64).
+Backends: C++ (CPU), CUDA (one launch set per 44 weights of the list), Triton, reference.
+Weights: float16, bfloat16, float32 (norms and penalty in float32) and float64 (in float64);
+contiguous, or channels_last (4-D) / channels_last_3d (5-D), each weight on its own (a list may mix
+layouts). A grad must be laid out like its weight; ``group_lasso_norms_backward`` returns ``w``'s
+layout. The norms are sums over each channel's elements, so they do not depend on the layout.
 """
 from __future__ import annotations
 
@@ -27,6 +30,30 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ---- input checks of the Python kernels (the same messages as csrc/group_lasso.h) -------------
 
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D channels_last / 5-D channels_last_3d tensor that is not also contiguous (one that is
+    both, e.g. a 1x1 conv's, has the same element order either way)."""
+    if t.is_contiguous():
+        return False
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return fmt is not None and t.is_contiguous(memory_format=fmt)
+
+
+def _layout_name(w: Tensor) -> str:
+    if not is_channels_last(w):
+        return "contiguous"
+    return "channels_last_3d" if w.dim() == 5 else "channels_last"
+
+
+def same_layout(g: Tensor, w: Tensor) -> bool:
+    """``g`` is dense in the layout the kernels read ``w`` in."""
+    if g.layout != torch.strided:
+        return False
+    if not is_channels_last(w):
+        return g.is_contiguous()
+    return g.is_contiguous(memory_format=torch.channels_last if w.dim() == 4 else torch.channels_last_3d)
+
+
 def _check_weight(w: Tensor, groups: int, op: str, name: str) -> None:
     if not isinstance(w, Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(w).__name__}")
@@ -37,9 +64,10 @@ def _check_weight(w: Tensor, groups: int, op: str, name: str) -> None:
                            f"got shape {tuple(w.shape)}")
     if w.layout != torch.strided:
         raise RuntimeError(f"{op}: {name} must be a strided (dense) tensor")
-    if not w.is_contiguous():
-        raise RuntimeError(f"{op}: {name} must be contiguous (call .contiguous(); channels_last "
-                           f"weights are not supported)")
+    if not (w.is_contiguous() or is_channels_last(w)):
+        raise RuntimeError(f"{op}: {name} must be contiguous, or channels_last (4-D) / channels_last_3d "
+                           f"(5-D), got shape {list(w.shape)} with strides {list(w.stride())} "
+                           f"(call .contiguous())")
     if groups < 1:
         raise RuntimeError(f"{op}: groups for {name} must be >= 1, got {groups}")
     if w.shape[0] % groups != 0:
@@ -71,8 +99,9 @@ def _check_lists(weights: Sequence[Tensor], grads: Optional[Sequence[Tensor]],
                 raise RuntimeError(f"{op}: {gn} has dtype {g.dtype} but {wn} has {w.dtype}")
             if g.shape != w.shape:
                 raise RuntimeError(f"{op}: {gn} has shape {list(g.shape)} but {wn} has {list(w.shape)}")
-            if g.layout != torch.strided or not g.is_contiguous():
-                raise RuntimeError(f"{op}: {gn} must be contiguous (call .contiguous())")
+            if not same_layout(g, w):
+                raise RuntimeError(f"{op}: {gn} must be contiguous in the layout of {wn} "
+                                   f"({_layout_name(w)}), got strides {list(g.stride())}")
 
 
 def _check_disjoint(ts: Sequence[Tensor], op: str, list_name: str) -> None:
@@ -135,7 +164,8 @@ def _py_norms_backward(impl):
         if impl == "triton":
             _check_triton_device(w, "group_lasso_norms_backward")
             return _triton_module().group_lasso_norms_backward(go, gi, w, on, inn, groups)
-        return ref.group_lasso_norms_backward(go, gi, w, on, inn, groups).contiguous()
+        # in w's layout, as the compiled kernels and the fake kernel give it
+        return torch.empty_like(w).copy_(ref.group_lasso_norms_backward(go, gi, w, on, inn, groups))
     return kernel
 
 

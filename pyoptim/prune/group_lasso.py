@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .. import ops
+from ..ops.group_lasso import is_channels_last, same_layout
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -123,8 +124,16 @@ def following_batchnorms(model: nn.Module) -> Dict[str, nn.Module]:
     return pairs
 
 
-def _contiguous(w: Tensor) -> Tensor:
-    return w if w.is_contiguous() else w.contiguous()
+def _op_layout(w: Tensor) -> Tensor:
+    """``w`` itself when the group-lasso ops take its layout (contiguous, channels_last,
+    channels_last_3d), else a contiguous copy (an unusual parameter: a strided view)."""
+    return w if w.is_contiguous() or is_channels_last(w) else w.contiguous()
+
+
+def _grad_like(grad: Tensor, w: Tensor) -> Tensor:
+    """``grad`` itself when it is laid out like ``w`` (what the fused op needs), else a copy
+    that is."""
+    return grad if same_layout(grad, w) else torch.empty_like(w).copy_(grad)
 
 
 def _as_targets(params: Union[nn.Module, Iterable[Tensor]], groups: Optional[Sequence[int]],
@@ -150,7 +159,7 @@ def group_lasso_penalty(params: Union[nn.Module, Iterable[Tensor]], lam: float,
     weights, groups = _as_targets(params, groups)
     total: Optional[Tensor] = None
     for w, g in zip(weights, groups):
-        o, i = ops.group_lasso_norms(w if w.is_contiguous() else w.contiguous(), g)
+        o, i = ops.group_lasso_norms(_op_layout(w), g)
         term = o.sum() + i.sum()
         total = term if total is None else total + term
     if total is None:
@@ -246,7 +255,7 @@ class GroupLasso:
         if self.bn_scale_only and idx in self.scales:
             n = self._joint(idx, self.scales[idx].detach().square())
             return n, torch.zeros_like(n), n.new_zeros(w.shape[1] * g)
-        o, i = ops.group_lasso_norms(_contiguous(w.detach()), g)
+        o, i = ops.group_lasso_norms(_op_layout(w.detach()), g)
         gamma = self.scales.get(idx)
         if gamma is None and idx not in self.positions:
             return o, o, i
@@ -284,8 +293,9 @@ class GroupLasso:
         scaled penalty ``lam * P`` (0-dim tensor; no device sync after calibration).
 
         Call it after ``backward()`` and before ``optimizer.step()``; with a ``GradScaler``, after
-        ``scaler.unscale_(optimizer)``, since the gradient added here is not scaled. Weights in
-        ``channels_last`` (or any non-contiguous layout) go through contiguous copies.
+        ``scaler.unscale_(optimizer)``, since the gradient added here is not scaled. Weights and
+        grads in ``channels_last`` are updated in place, without copies; only a layout the op does
+        not take (a strided view, a grad laid out unlike its weight) goes through a copy.
         """
         self._need_lam(loss, "apply")
         total = None
@@ -293,13 +303,13 @@ class GroupLasso:
             weights, grads, groups, copy_back = [], [], [], []
             for j in idx:
                 _, w, g = self.targets[j]
+                wl = _op_layout(w.detach())
                 if w.grad is None:
-                    w.grad = torch.zeros_like(w, memory_format=torch.contiguous_format)
-                grad = w.grad
-                if not grad.is_contiguous():
-                    copy_back.append((grad, len(grads)))
-                    grad = grad.contiguous()
-                weights.append(w.detach().contiguous())
+                    w.grad = torch.zeros_like(wl)
+                grad = _grad_like(w.grad, wl)
+                if grad is not w.grad:
+                    copy_back.append((w.grad, len(grads)))
+                weights.append(wl)
                 grads.append(grad)
                 groups.append(g)
             p = ops.group_lasso_grad_(weights, grads, self.lam, groups)
@@ -325,7 +335,7 @@ class GroupLasso:
             gamma.grad.add_((lam * gamma.detach().to(inv.dtype) * inv).to(gamma.dtype))
         if self.bn_scale_only and gamma is not None:   # the weight is not penalised
             return n.sum() / mult * lam
-        upd = ops.group_lasso_norms_backward(lam * o * inv, torch.full_like(i, lam), _contiguous(w.detach()), o, i, g)
+        upd = ops.group_lasso_norms_backward(lam * o * inv, torch.full_like(i, lam), _op_layout(w.detach()), o, i, g)
         if w.grad is None:
             w.grad = torch.zeros_like(w)
         w.grad.add_(upd)
@@ -351,7 +361,7 @@ class GroupLasso:
             if gamma is not None and self.bn_scale_only:
                 gamma.mul_(keep.to(gamma.dtype))
                 continue
-            wc = _contiguous(w.detach())
+            wc = _op_layout(w.detach())
             wc = ops.group_lasso_norms_backward(o * keep, torch.zeros_like(i), wc, o, i, g)
             if gamma is not None:
                 gamma.mul_(keep.to(gamma.dtype))
@@ -384,7 +394,7 @@ class GroupLasso:
         for idx in self._buckets:
             names = [self.targets[j][0] for j in idx]
             weights = [self.targets[j][1] for j in idx]
-            work = [w.detach() if w.is_contiguous() else w.detach().contiguous() for w in weights]
+            work = [_op_layout(w.detach()) for w in weights]
             pairs = ops.group_lasso_prune_(work, threshold, [self.targets[j][2] for j in idx])
             for name, w, wc, pair in zip(names, weights, work, pairs):
                 if wc.data_ptr() != w.data_ptr():
@@ -397,10 +407,10 @@ class GroupLasso:
             n, o, i = self._norms(idx)
             keep_o, keep_i = ~(n < threshold), ~(i < threshold)
             if self.bn_scale_only and gamma is not None:   # the scales decide; the rows go with them
-                o, i = ops.group_lasso_norms(_contiguous(w.detach()), g)
+                o, i = ops.group_lasso_norms(_op_layout(w.detach()), g)
                 keep_i = torch.ones_like(keep_i)
             # rows, then columns (norms taken before any zeroing, as the fused op does)
-            wc = ops.group_lasso_norms_backward(o * keep_o, torch.zeros_like(i), _contiguous(w.detach()), o, i, g)
+            wc = ops.group_lasso_norms_backward(o * keep_o, torch.zeros_like(i), _op_layout(w.detach()), o, i, g)
             o2, i2 = ops.group_lasso_norms(wc, g)
             w.copy_(ops.group_lasso_norms_backward(torch.zeros_like(o2), i2 * keep_i, wc, o2, i2, g))
             if gamma is not None:

@@ -21,9 +21,19 @@
 3. Reconfiguration time of ResNet-50 with its SGD-momentum optimizer (state filled by one step),
    with the channel graph given (traced once per model) and without the FLOPs report (goal
    < 100 ms on GPU); the tracing time is reported separately.
+4. CUDA only ("routes"): channel_union_conv2d (eval forward, no grad) on each of its CUDA paths
+   against the plain torch sequence relu(conv2d(x, w, b) + r), in the same run, NCHW and
+   channels_last, at block-tail, odd (pruned) width, strided 1x1, grouped and depthwise shapes:
+     torch  relu(F.conv2d(x, w, b) + r), torch's own kernels
+     cudnn  the op as it runs by default: cuDNN's fused conv+add+ReLU (groups 1) or cuDNN's conv +
+            one epilogue kernel (grouped, depthwise)
+     simt   the op's hand implicit-GEMM kernel, selected with torch.backends.cudnn.flags(enabled=False)
+   with the ratios torch/cudnn, torch/simt and simt/cudnn, and each path's max error against the
+   float64 reference. float32 runs under torch.backends.cudnn.allow_tf32 as set (recorded).
+   Part 2 on CUDA also times the eval block on the hand kernel (eval_fused_simt).
 
     python bench/bench_channel_union.py [--device cpu|cuda] [--reps 10] [--fractions 0.7,0.5,0.3]
-        [--r50-batch 8 --r50-res 128] [--r32-batch 64]
+        [--r50-batch 8 --r50-res 128] [--r32-batch 64] [--skip models,blocks,reconfigure,routes]
 """
 from __future__ import annotations
 
@@ -41,7 +51,8 @@ import utils as bu  # noqa: E402
 
 import pyoptim  # noqa: E402
 from pyoptim.models import resnet32, resnet50  # noqa: E402
-from pyoptim.ops import conv_bn_add_relu  # noqa: E402
+from pyoptim.ops import channel_union_conv2d, conv_bn_add_relu  # noqa: E402
+from pyoptim.reference import channel_union_conv as ref  # noqa: E402
 from pyoptim.prune import ChannelGraph, fuse_blocks, reconfigure  # noqa: E402
 from pyoptim.flops import count_flops  # noqa: E402
 
@@ -208,12 +219,86 @@ def bench_blocks(args, device, dtype):
         with torch.no_grad():
             et = bu.timeit(torch_block, device, warmup=args.warmup, reps=args.reps)
             ef = bu.timeit(fused_block, device, warmup=args.warmup, reps=args.reps)
+            if device.type == "cuda":
+                with torch.backends.cudnn.flags(enabled=False):  # the op's hand kernel
+                    es = bu.timeit(fused_block, device, warmup=args.warmup, reps=args.reps)
         row = {"network": net, "shape": [N, C, H, H], "dtype": str(dtype).replace("torch.", ""),
                "train_torch": tt, "train_fused": tf, "train_speedup": tt["median_ms"] / tf["median_ms"],
                "eval_torch": et, "eval_fused": ef, "eval_speedup": et["median_ms"] / ef["median_ms"]}
+        extra = ""
+        if device.type == "cuda":
+            row.update(eval_fused_simt=es, eval_speedup_simt=et["median_ms"] / es["median_ms"],
+                       eval_cudnn_over_simt=es["median_ms"] / ef["median_ms"])
+            extra = f" (hand kernel: {row['eval_speedup_simt']:.2f}x)"
         rows.append(row)
         print(f"block {net} [{N},{C},{H},{H}]: train fwd+bwd {row['train_speedup']:.2f}x, "
-              f"eval fwd {row['eval_speedup']:.2f}x vs torch conv->BN->add->ReLU", flush=True)
+              f"eval fwd {row['eval_speedup']:.2f}x{extra} vs torch conv->BN->add->ReLU", flush=True)
+    return rows
+
+
+def route_shapes(args):
+    """(name, N, C, H, K, R, stride, groups) of part 4; padding R // 2, square inputs."""
+    r50 = args.r50_batch
+    return [("resnet32 tail", args.r32_batch, 32, 16, 32, 3, 1, 1),
+            ("resnet50 tail", r50, 128, args.r50_res // 8, 128, 3, 1, 1),
+            ("pruned width", r50, 45, args.r50_res // 8, 45, 3, 1, 1),
+            ("1x1 stride 2", r50, 64, args.r50_res // 4, 128, 1, 2, 1),
+            ("grouped", r50, 128, args.r50_res // 8, 128, 3, 1, 32),
+            ("depthwise", r50, 96, args.r50_res // 4, 96, 3, 1, 96)]
+
+
+def bench_route(args, device, dtype, spec, fmt):
+    name, N, C, H, K, R, stride, groups = spec
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(N, C, H, H, device=device, dtype=dtype, generator=g).contiguous(memory_format=fmt)
+    w = torch.randn(K, C // groups, R, R, device=device, dtype=dtype, generator=g) / (C // groups * R * R) ** 0.5
+    b = torch.randn(K, device=device, dtype=dtype, generator=g)
+    conf = ((stride, stride), (R // 2, R // 2), (1, 1), groups)
+    P = (H + 2 * (R // 2) - R) // stride + 1
+    r = torch.randn(N, K, P, P, device=device, dtype=dtype, generator=g).contiguous(memory_format=fmt)
+
+    def plain():
+        return torch.relu(F.conv2d(x, w, b, *conf) + r)
+
+    def op():
+        return channel_union_conv2d(x, w, b, r, *conf, relu=True)
+    want = ref.channel_union_conv2d(x.double(), w.double(), b.double(), r.double(), *conf, relu=True)
+    t = {"torch": bu.timeit(plain, device, warmup=args.warmup, reps=args.reps),
+         "cudnn": bu.timeit(op, device, warmup=args.warmup, reps=args.reps)}
+    err = {"cudnn": (op().double() - want).abs().max().item()}
+    with torch.backends.cudnn.flags(enabled=False):  # the op's hand kernel
+        t["simt"] = bu.timeit(op, device, warmup=args.warmup, reps=args.reps)
+        err["simt"] = (op().double() - want).abs().max().item()
+    err["torch"] = (plain().double() - want).abs().max().item()
+    ms = {k: v["median_ms"] for k, v in t.items()}
+    # which cuDNN path the timed calls took: a shape cuDNN refused fused falls back (and is remembered)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        op()
+    names = {e.name for e in prof.events()}
+    path = "fused" if "aten::cudnn_convolution_add_relu" in names else (
+        "conv+epilogue" if "aten::convolution" in names else "other")
+    return {"name": name, "x": [N, C, H, H], "weight": list(w.shape), "stride": stride, "groups": groups,
+            "format": "channels_last" if fmt is torch.channels_last else "nchw",
+            "dtype": str(dtype).replace("torch.", ""), "allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_path": path, **t, "max_abs_err": err, "speedup_cudnn": ms["torch"] / ms["cudnn"],
+            "speedup_simt": ms["torch"] / ms["simt"], "cudnn_over_simt": ms["simt"] / ms["cudnn"]}
+
+
+def bench_routes(args, device, dtype):
+    if not pyoptim.backends()["cuda"]:
+        reason = "pyoptim was built without its CUDA kernels: no route to compare"
+        print(f"routes: skipped ({reason})", flush=True)
+        return {"skipped": reason}
+    rows = []
+    with torch.no_grad():
+        for spec in route_shapes(args):
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                row = bench_route(args, device, dtype, spec, fmt)
+                rows.append(row)
+                print(f"route {row['name']} {row['x']} {row['format']}: torch {row['torch']['median_ms']:.3f} ms | "
+                      f"cudnn ({row['cudnn_path']}) {row['speedup_cudnn']:.2f}x | simt {row['speedup_simt']:.2f}x | "
+                      f"cudnn/simt {row['cudnn_over_simt']:.2f}x | max err cudnn "
+                      f"{row['max_abs_err']['cudnn']:.1e} simt {row['max_abs_err']['simt']:.1e}", flush=True)
     return rows
 
 
@@ -260,7 +345,8 @@ def main():
                    "the pruned models at (counts rounded up; 1 or empty: none)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="skip the channels_last dense/pruned pair")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: models,blocks,reconfigure")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: models,blocks,reconfigure,routes "
+                   "(routes: CUDA only)")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = p.parse_args()
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
@@ -269,6 +355,9 @@ def main():
     skip = set(s for s in args.skip.split(",") if s)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"bench_channel_union: --device {args.device} but torch sees no CUDA device "
+                 f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda})")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     print(pyoptim.describe() if hasattr(pyoptim, "describe") else "", flush=True)
@@ -276,6 +365,8 @@ def main():
     payload["models"] = [] if "models" in skip else bench_models(args, device, dtype)
     payload["blocks"] = [] if "blocks" in skip else bench_blocks(args, device, dtype)
     payload["reconfigure"] = None if "reconfigure" in skip else bench_reconfigure(args, device, dtype)
+    if device.type == "cuda":
+        payload["routes"] = [] if "routes" in skip else bench_routes(args, device, dtype)
     path = bu.write_result("channel_union", device, payload, args.out)
     print(f"wrote {path}")
 

@@ -1,5 +1,7 @@
 """channel_union_conv2d, batch_norm_add_relu and its backward against the plain-torch reference and
 torch's own modules, for every backend; autograd (gradcheck), opcheck, bad input."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,3 +297,163 @@ def test_bad_input_names_the_argument(backend, case):
     fn, pattern = {n: (f, p) for n, f, p in _bad(device)}[case]
     with pytest.raises(RuntimeError, match=pattern):
         fn()
+
+
+# ---- the CUDA routes: cuDNN (fused, unfused) and the hand SIMT kernel ------------------------------
+# csrc/cuda/channel_union_conv.cu routes a call to cuDNN's fused conv+add+ReLU (groups 1, ReLU,
+# float16/bfloat16/float32), to cuDNN's conv + one epilogue kernel (the rest), or, with cuDNN
+# disabled, to the hand implicit GEMM. Each route against the float64 reference.
+
+# (N, C, H, W, K, R, stride, padding, dilation, groups)
+ROUTE_CASES = [
+    (2, 16, 9, 9, 32, 3, 1, 1, 1, 1),     # aligned channel counts: cuDNN's fused engines' case
+    (3, 23, 8, 7, 13, 1, 2, 0, 1, 1),     # pruned-looking odd counts, 1x1 stride 2
+    (2, 12, 7, 7, 18, 3, 1, 1, 1, 3),     # grouped: cuDNN conv + epilogue
+    (2, 16, 9, 9, 16, 3, 1, 2, 2, 16),    # depthwise, dilated: cuDNN conv + epilogue
+]
+LOW_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float64: 1e-10}
+
+
+@contextlib.contextmanager
+def _cuda_route(route):
+    """'cudnn': cuDNN enabled (TF32 off: exact float32); 'simt': cuDNN disabled, the hand kernel."""
+    with torch.backends.cudnn.flags(enabled=route == "cudnn", allow_tf32=False), pyoptim.use_backend("cpp"):
+        yield
+
+
+def _aten_ops_called(fn):
+    """The aten ops a call dispatches, nested ones included (RecordFunction sees every one)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "cl"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("route", ["cudnn", "simt"])
+def test_cuda_route_matches_float64(case, dtype, fmt, residual, relu, route):
+    x, w, b, r, s, p, d, groups = _conv_inputs(case, "cuda", dtype=dtype, residual=residual, fmt=fmt)
+    with _cuda_route(route):
+        out = torch.ops.pyoptim.channel_union_conv2d(x, w, b, r, s, p, d, groups, relu)
+    want = ref.channel_union_conv2d(x.double(), w.double(), b.double(), None if r is None else r.double(),
+                                    s, p, d, groups, relu)
+    assert out.dtype == dtype and out.shape == want.shape
+    assert out.is_contiguous(memory_format=fmt or torch.contiguous_format)
+    tol = LOW_TOL[dtype]
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route", ["cudnn", "simt"])
+def test_cuda_route_float64(route):
+    for case in ROUTE_CASES:
+        x, w, b, r, s, p, d, groups = _conv_inputs(case, "cuda", fmt=CL)
+        with _cuda_route(route):
+            out = torch.ops.pyoptim.channel_union_conv2d(x, w, b, r, s, p, d, groups, True)
+        assert out.is_contiguous(memory_format=CL)
+        want = torch.relu(F.conv2d(x, w, b, s, p, d, groups) + r)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, dtype, residual, relu, cudnn, want, not_want", [
+    (ROUTE_CASES[0], torch.float16, True, True, True, "aten::cudnn_convolution_add_relu", "aten::convolution"),
+    (ROUTE_CASES[0], torch.float32, False, True, True, "aten::cudnn_convolution_relu", "aten::convolution"),
+    (ROUTE_CASES[0], torch.float16, True, False, True, "aten::convolution", "aten::cudnn_convolution_add_relu"),
+    (ROUTE_CASES[0], torch.float64, True, True, True, "aten::convolution", "aten::cudnn_convolution_add_relu"),
+    (ROUTE_CASES[2], torch.float16, True, True, True, "aten::convolution", "aten::cudnn_convolution_add_relu"),
+    (ROUTE_CASES[3], torch.bfloat16, True, True, True, "aten::convolution", "aten::cudnn_convolution_add_relu"),
+    (ROUTE_CASES[0], torch.float16, True, True, False, None, "aten::convolution"),
+], ids=["fused-res", "fused-nores", "linear", "float64", "grouped", "depthwise", "cudnn-off"])
+def test_cuda_route_taken(case, dtype, residual, relu, cudnn, want, not_want):
+    x, w, b, r, s, p, d, groups = _conv_inputs(case, "cuda", dtype=dtype, residual=residual, fmt=CL)
+    with _cuda_route("cudnn" if cudnn else "simt"):
+        names = _aten_ops_called(lambda: torch.ops.pyoptim.channel_union_conv2d(x, w, b, r, s, p, d, groups, relu))
+    # a fused case failing on not_want: cuDNN refused the fused graph and the call fell back
+    assert (want is None or want in names) and not_want not in names, sorted(names)
+    if not cudnn:
+        assert not any("cudnn" in n for n in names), sorted(names)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_cudnn_relu_ignores_stale_output_memory(dtype):
+    # at::cudnn_convolution_relu hands cuDNN its uninitialised output as the residual with scale 0:
+    # NaN left in that memory by an earlier tensor must not leak into the result
+    x, w, b, _, s, p, d, groups = _conv_inputs(ROUTE_CASES[0], "cuda", dtype=dtype, residual=False, fmt=CL)
+    want = ref.channel_union_conv2d(x.double(), w.double(), b.double(), None, s, p, d, groups, True)
+    with _cuda_route("cudnn"):
+        for _ in range(3):
+            # blocks of the output's size full of NaN, back in the caching allocator's free lists
+            junk = [torch.full(want.shape, float("nan"), device="cuda", dtype=dtype) for _ in range(8)]
+            del junk
+            out = torch.ops.pyoptim.channel_union_conv2d(x, w, b, None, s, p, d, groups, True)
+            assert not out.isnan().any()
+            torch.testing.assert_close(out.double(), want, rtol=LOW_TOL[dtype], atol=LOW_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route", ["cudnn", "simt"])
+def test_cuda_route_output_memory_format(route):
+    case = ROUTE_CASES[0]
+    with _cuda_route(route):
+        for x_fmt, w_fmt, r_fmt in [(CL, None, None), (None, CL, CL), (CL, CL, None), (None, None, CL)]:
+            x, w, b, r, s, p, d, groups = _conv_inputs(case, "cuda", dtype=torch.float16)
+            x = x.contiguous(memory_format=x_fmt or torch.contiguous_format)
+            w = w.contiguous(memory_format=w_fmt or torch.contiguous_format)
+            r = r.contiguous(memory_format=r_fmt or torch.contiguous_format)
+            out = torch.ops.pyoptim.channel_union_conv2d(x, w, b, r, s, p, d, groups, True)
+            assert out.is_contiguous(memory_format=x_fmt or torch.contiguous_format), (x_fmt, w_fmt, r_fmt)
+            want = ref.channel_union_conv2d(x.double(), w.double(), b.double(), r.double(), s, p, d, groups, True)
+            torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+        # strided views of x and the residual: any strides in, x's activation format out
+        x, w, b, r, s, p, d, groups = _conv_inputs((2, 32, 9, 9, 32, 3, 1, 1, 1, 1), "cuda", dtype=torch.float16)
+        xv, rv = x[:, ::2], r[:, 1::2]
+        out = torch.ops.pyoptim.channel_union_conv2d(xv, w[1::2, ::2], b[1::2], rv, s, p, d, groups, True)
+        assert out.is_contiguous()
+        want = ref.channel_union_conv2d(xv.double(), w[1::2, ::2].double(), b[1::2].double(), rv.double(),
+                                        s, p, d, groups, True)
+        torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_route_under_autocast():
+    # the op is not on autocast's lists: float32 in, float32 out, also for its inner aten calls
+    x, w, b, r, s, p, d, groups = _conv_inputs(ROUTE_CASES[1], "cuda", dtype=torch.float32)
+    with _cuda_route("cudnn"), torch.autocast("cuda", dtype=torch.float16):
+        outs = [torch.ops.pyoptim.channel_union_conv2d(x, w, b, r, s, p, d, groups, relu) for relu in (True, False)]
+    for out, relu in zip(outs, (True, False)):
+        assert out.dtype == torch.float32
+        want = ref.channel_union_conv2d(x.double(), w.double(), b.double(), r.double(), s, p, d, groups, relu)
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route", ["cudnn", "simt"])
+def test_cuda_route_nothing_to_convolve(route):
+    x = torch.randn(2, 0, 5, 5, device="cuda")
+    w = torch.randn(4, 0, 3, 3, device="cuda")
+    b = torch.randn(4, device="cuda")
+    r = torch.randn(2, 4, 3, 3, device="cuda")
+    with _cuda_route(route):
+        out = torch.ops.pyoptim.channel_union_conv2d(x, w, b, r, [1, 1], [0, 0], [1, 1], 1, True)
+        empty = torch.ops.pyoptim.channel_union_conv2d(x[:0], w, b, None, [1, 1], [0, 0], [1, 1], 1, True)
+    torch.testing.assert_close(out, torch.relu(b.view(1, -1, 1, 1) + r))
+    assert empty.shape == (0, 4, 3, 3)
+
+
+@pytest.mark.gpu
+def test_cuda_route_deterministic_mode():
+    # cudnn.deterministic: the unfused route (at::convolution honours the flag); same values
+    x, w, b, r, s, p, d, groups = _conv_inputs(ROUTE_CASES[0], "cuda", dtype=torch.float32, fmt=CL)
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False), pyoptim.use_backend("cpp"):
+        names = _aten_ops_called(lambda: torch.ops.pyoptim.channel_union_conv2d(x, w, b, r, s, p, d, groups, True))
+        out = torch.ops.pyoptim.channel_union_conv2d(x, w, b, r, s, p, d, groups, True)
+    assert "aten::cudnn_convolution_add_relu" not in names and "aten::convolution" in names
+    want = ref.channel_union_conv2d(x.double(), w.double(), b.double(), r.double(), s, p, d, groups, True)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,9 @@ its last conv's output, so the tail ``BN -> (+ residual) -> ReLU`` is a dense el
   ``= act(conv2d(x, weight, bias) + residual)`` — inference, with BN folded into ``weight`` and
   ``bias`` (:func:`fold_batch_norm`): one kernel writes the block output once. C++ CPU: oneDNN
   convolution with the add and ReLU as post-ops (float32; other dtypes: vendor conv + one fused
-  pass). CUDA and Triton: implicit GEMM with the epilogue fused.
+  pass). CUDA: cuDNN's fused conv + add + ReLU (groups 1, ReLU, float16/bfloat16/float32), else
+  cuDNN's conv + one fused epilogue pass; the hand SIMT implicit GEMM when cuDNN is disabled
+  (``torch.backends.cudnn.flags(enabled=False)``). Triton: implicit GEMM with the epilogue fused.
 * ``batch_norm_add_relu(x, weight, bias, residual, eps, relu) -> (out, mean, invstd)`` — training:
   batch statistics of the conv output ``x`` over (N, H, W), then ``act(weight * (x - mean) * invstd
   + bias + residual)`` in one pass. ``batch_norm_add_relu_backward`` is its fused backward (one

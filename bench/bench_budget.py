@@ -112,6 +112,11 @@ def budget_run(a, runs_dir: str, knobs: str, seconds: float) -> dict:
             "width_probes": (plan.get("width_choice") or {}).get("probes")}
 
 
+def _pct(acc) -> str:
+    """``"89.12%"``; ``"n/a"`` for a run without an evaluation (its budget left no time)."""
+    return "n/a" if acc is None or acc == float("-inf") or acc != acc else f"{100 * acc:.2f}%"
+
+
 def main() -> None:
     cli.denormals_flush_to_zero()      # before torch's thread pool starts (see pyoptim.cli)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +161,12 @@ def main() -> None:
         if any(k not in KNOB_NAMES for k in c.split("+")):
             raise SystemExit(f"bench_budget: unknown config {c!r} (knob sets from {', '.join(KNOB_NAMES)}, "
                              f"joined by '+')")
-    fractions = [float(f) for f in a.fractions.split(",")]
+    try:
+        fractions = [float(f) for f in a.fractions.split(",")]
+    except ValueError:
+        raise SystemExit(f"bench_budget: --fractions must be numbers joined by ',', got {a.fractions!r}") from None
+    if not all(f > 0 and f == f for f in fractions):
+        raise SystemExit(f"bench_budget: --fractions must be > 0 (budget = full run / fraction), got {a.fractions}")
     device = torch.device(a.device)
     runs_dir = a.runs_dir or tempfile.mkdtemp(prefix="bench_budget_")
     prev = None
@@ -190,7 +200,9 @@ def main() -> None:
                           key=lambda r: order.get((r["fraction"], r["knobs"]), len(order)))
             cfgs = prev["config"]["configs"] + [c for c in cfgs if c not in prev["config"]["configs"]]
             fracs = prev["config"]["fractions"]
-        acc = {(r["fraction"], r["knobs"]): r["test_accuracy"] for r in runs}
+        # a budget that left no time to evaluate (accuracy None) counts as the worst in comparisons
+        acc = {(r["fraction"], r["knobs"]): (r["test_accuracy"] if r["test_accuracy"] is not None
+                                             else float("-inf")) for r in runs}
 
         def complete(*cs):   # a comparison needs every budget of each config
             return all((f, c) in acc for f in fracs for c in cs)
@@ -236,7 +248,7 @@ def main() -> None:
         for c in configs:
             fresh.append(dict(budget_run(a, runs_dir, c, full["seconds"] / f), fraction=f))
             r = fresh[-1]
-            print(f"\n    1/{f:g}: {c}: {100 * r['test_accuracy']:.2f}% (ended at {r['end_s']:.1f} of "
+            print(f"\n    1/{f:g}: {c}: {_pct(r['test_accuracy'])} (ended at {r['end_s']:.1f} of "
                   f"{r['budget_s']:.1f} s, {r['epochs']:.2f} epochs, width {r['width']})", file=sys.stderr)
             record(fresh)
     path, result, acc, configs, fractions = record(fresh)
@@ -247,7 +259,7 @@ def main() -> None:
     print("budget      " + "".join(f"{c:>{w}s}" for c, w in zip(configs, cols)))
     for f in fractions:
         print(f"1/{f:<4g}{full['seconds'] / f:6.0f}s"
-              + "".join(f"{100 * acc.get((f, c), float('nan')):{w - 1}.2f}%" for c, w in zip(configs, cols)))
+              + "".join(f"{_pct(acc.get((f, c))):>{w}s}" for c, w in zip(configs, cols)))
     print(f"goals: {goals}")
     print(f"results: {path}\npicture: {png}")
 

@@ -95,3 +95,15 @@ def positive_number(where: str, name: str, v, allow_zero: bool = False) -> float
     if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
         raise ValueError(f"{where}: {name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {v!r}")
     return x
+
+
+def leading_dim(obj) -> int:
+    """The batch size of a batch: the leading dim of a tensor, or of the first tensor of a
+    list/tuple/dict of them. Raises ``TypeError`` for anything else."""
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[0])
+    if isinstance(obj, (list, tuple)) and obj:
+        return leading_dim(obj[0])
+    if isinstance(obj, dict) and obj:
+        return leading_dim(next(iter(obj.values())))
+    raise TypeError(f"cannot tell the batch size of a {type(obj).__name__}")

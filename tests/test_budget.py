@@ -712,17 +712,21 @@ def test_final_prediction_follows_a_machine_that_slows_down():
 
 
 class _SlowFirstEvals(nn.Module):
-    """The first ``n`` eval-mode forwards sleep ``delay`` s: the evaluation probe before training
-    meets a machine that stalls for a moment, the rest of the run does not."""
+    """Eval-mode forwards in the first ``window`` seconds after the first one sleep ``delay`` s:
+    the evaluation probe before training meets a machine that stalls for a moment, the rest of
+    the run does not."""
 
-    def __init__(self, inner, n=3, delay=0.5):
+    def __init__(self, inner, window=1.0, delay=0.5):
         super().__init__()
-        self.inner, self.n, self.delay = inner, n, delay
+        self.inner, self.window, self.delay = inner, window, delay
+        self.first = None
 
     def forward(self, x):
-        if not self.training and self.n > 0:
-            self.n -= 1
-            time.sleep(self.delay)
+        if not self.training:
+            now = time.perf_counter()
+            self.first = now if self.first is None else self.first
+            if now - self.first < self.window:
+                time.sleep(self.delay)
         return self.inner(x)
 
 

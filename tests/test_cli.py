@@ -174,7 +174,8 @@ def test_bench_budget_smoke(tmp_path):
     env = dict(os.environ, PYOPTIM_QUIET="1", OMP_NUM_THREADS="1")
     base = [sys.executable, os.path.join(root, "bench", "bench_budget.py"), "--model", "resnet20",
             "--data", "synthetic", "--synthetic-samples", "256", "--train-subset", "128", "--full-epochs", "1",
-            "--batch-size", "32", "--fractions", "2", "--quiet", "--out-dir", str(tmp_path)]
+            "--batch-size", "32", "--fractions", "0.5", "--quiet", "--out-dir", str(tmp_path)]
+    # budgets of twice the tiny full run (~3 s): half of it would be spent by the set-up alone
     proc = subprocess.run(base + ["--configs", "none,schedule,schedule+selective", "--tag", "smoke",
                                   "--runs-dir", str(tmp_path / "runs")],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -203,8 +204,11 @@ def test_bench_budget_smoke(tmp_path):
     assert other.returncode != 0 and "its lr is 0.1" in other.stderr
     bad = subprocess.run(base + ["--configs", "schedule+fast"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown config 'schedule+fast'" in bad.stderr
+    bad = subprocess.run(base + ["--fractions", "2,0"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--fractions must be > 0" in bad.stderr
     # PruneTrain inside a budget (a given 10 s full run, so the 5 s budget spans many 4-step epochs)
     proc = subprocess.run(base + ["--configs", "schedule+prunetrain", "--full-seconds", "10", "--full-accuracy", "0.5",
+                                  "--fractions", "2",
                                   "--tag", "prune", "--prune-flags", "--interval 1 --threshold 1e9 --bn-scale",
                                   "--runs-dir", str(tmp_path / "prune")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -222,6 +226,7 @@ def test_bench_budget_smoke(tmp_path):
     ("--interval", "0", ">= 1"), ("--log-every", "-1", ">= 0"), ("--schedule", "linear", "invalid choice"),
     ("--interval-unit", "hour", "invalid choice"), ("--lasso-epochs", "-1", ">= 0"),
     ("--lasso-steps", "-5", ">= 0"), ("--min-keep", "1.5", "[0, 1]"), ("--min-keep", "-0.1", "[0, 1]"),
+    ("--eval-share", "0", "(0, 1]"), ("--eval-share", "1.5", "(0, 1]"), ("--threads", "0", ">= 1"),
 ])
 def test_bad_options_are_refused_when_parsed_in_one_line(option, value, expected, capsys, monkeypatch):
     """Refused by the parser, before any data is loaded or model built: one line naming the
@@ -241,6 +246,8 @@ def test_contradicting_options_are_refused_before_the_data_is_loaded(monkeypatch
     monkeypatch.setattr(run, "_load_data", lambda *a: pytest.fail("the data was loaded"))
     with pytest.raises(SystemExit, match="--budget"):
         cli.main(["train", "--data", "synthetic", "--width", "auto"])
+    with pytest.raises(SystemExit, match="--eval-share is a share of the budget"):
+        cli.main(["train", "--data", "synthetic", "--eval-share", "0.2"])
     with pytest.raises(SystemExit, match="unknown knob"):
         cli.main(["train", "--data", "synthetic", "--budget", "5s", "--knobs", "turbo"])
     with pytest.raises(SystemExit, match="--lasso-epochs 5 is more than --epochs 4"):

@@ -12,12 +12,16 @@ How it stops: after every step it predicts the next step's time (a high quantile
 steps), the epoch-end work when the next step ends an epoch, and the final phase (first from a
 timed probe of one evaluation batch, then from the measured evaluations), and stops when they
 would not fit before the deadline; an epoch-end evaluation that would not fit is skipped rather
-than the training cut. Under DDP the predictions are all-reduced (maximum) every step, so all
+than the training cut. The step prediction follows a slowdown within two steps (the median of the
+last three steps when higher). The final evaluation is planned at most ``eval_share`` of the budget
+and bounded by the deadline: one predicted longer (a large set, a loaded machine) runs on the
+random subset of the evaluation data that fits, reported as such; epoch-end evaluations are
+bounded too (``trainer.eval_deadline``). The predictions and the final phase are in
+:mod:`pyoptim.budget.stop`. Under DDP the predictions are all-reduced (maximum) every step, so all
 ranks take the same decision at the same step and use the same learning rate.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -34,6 +38,7 @@ from .._util import synchronize as _sync
 from ..train.plugin import Plugin
 from .clock import BudgetClock, format_duration, parse_duration
 from .schedule import WeightEMA, budget_lr_factor
+from .stop import StopPredictions
 from .selection import (SampleScores, Selector, UniformSelection, freeze_batchnorm_stats,
                         make_selector)
 
@@ -43,16 +48,6 @@ __all__ = ["Budgeted", "KNOBS", "SELECT_SCORES"]
 KNOBS = ("schedule", "ema", "uniform", "selective", "importance")
 #: where the sample selectors get their losses (see :mod:`pyoptim.budget.selection`)
 SELECT_SCORES = ("stale", "forward")
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return 0.0
-    pos = q * (len(s) - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def _same(obj):
@@ -83,7 +78,41 @@ class _WeightedLoss:
         return (losses * w.to(losses.dtype)).mean()
 
 
-class Budgeted(Plugin):
+def _parse_knobs(knobs, select_fraction: float, seed: int, per_class: bool):
+    """``(knob names, the sample selector or None)`` from :class:`Budgeted`'s ``knobs``."""
+    if isinstance(knobs, (str, Selector)):
+        knobs = (knobs,)
+    names: List[str] = []
+    selector: Optional[Selector] = None
+    for k in knobs:
+        if isinstance(k, Selector):
+            sel = k
+        elif isinstance(k, str):
+            key = k.lower().replace("_", "-")
+            if key in ("width", "model"):
+                raise ValueError("Budgeted: the width knob is chosen before the model is built: "
+                                 "use pyoptim.budget.choose_width(...) or pyoptim.budget.plan(...)")
+            if key in ("schedule", "ema"):
+                if key not in names:
+                    names.append(key)
+                continue
+            if key in ("none", "naive"):
+                continue
+            try:
+                sel = make_selector(key, select_fraction, seed, per_class=per_class)
+            except ValueError:
+                raise ValueError(f"Budgeted: unknown knob {k!r} (knobs: {', '.join(KNOBS)}, or a "
+                                 f"Selector)") from None
+        else:
+            raise TypeError(f"Budgeted: a knob must be a name or a Selector, got {type(k).__name__}")
+        if selector is not None:
+            raise ValueError(f"Budgeted: two sample selectors given ({selector.name}, {sel.name})")
+        selector = sel
+        names.append(sel.name)
+    return names, selector
+
+
+class Budgeted(StopPredictions, Plugin):
     """Train for ``seconds`` of wall-clock time (see the module docstring for what the clock
     covers and how the stop is predicted).
 
@@ -119,7 +148,15 @@ class Budgeted(Plugin):
         per_sample_loss: ``fn(output, y) -> [n] losses`` for the selectors (default: cross
             entropy with ``reduction="none"`` when the trainer's loss is ``F.cross_entropy``,
             else the trainer's loss called with ``reduction="none"``).
-        final_eval: evaluate ``trainer.eval_data`` once training stops (in the budget).
+        final_eval: evaluate ``trainer.eval_data`` once training stops (in the budget). The
+            final evaluation is bounded by the deadline: it stops before a batch that would end
+            after it, and then reports a random subset (``result["final_eval"]``: ``samples``,
+            ``of_samples``, ``complete``, ``accuracy_stderr``).
+        eval_share: the most of the budget the final evaluation is planned to take. The stop
+            decision keeps ``min(predicted evaluation, eval_share * budget)`` free for it; an
+            evaluation predicted longer (a large evaluation set, a slow or loaded machine) runs on
+            the random subset that fits, so training is not starved by the evaluation's reserve.
+            ``1.0`` plans for the whole evaluation (the deadline still bounds it).
         epoch_eval: keep the trainer's evaluation at every epoch end (each one costs budget;
             one that would not fit is skipped anyway).
         reserve_s: seconds kept free after ``fit()`` for the caller.
@@ -147,7 +184,7 @@ class Budgeted(Plugin):
                  ema_decay: float = 0.999, select_fraction: float = 0.5,
                  select_scores: str = "stale", select_per_class: bool = True,
                  per_sample_loss: Optional[Callable] = None,
-                 final_eval: bool = True,
+                 final_eval: bool = True, eval_share: float = 0.1,
                  epoch_eval: bool = True, reserve_s: float = 0.0, sync_device: bool = True,
                  seed: int = 0, augment_until: Optional[float] = None):
         if clock is None:
@@ -162,40 +199,16 @@ class Budgeted(Plugin):
             raise ValueError(f"Budgeted: warmup must be in [0, 1), got {warmup}")
         if reserve_s < 0:
             raise ValueError(f"Budgeted: reserve_s must be >= 0, got {reserve_s}")
+        if not (isinstance(eval_share, (int, float)) and 0.0 < eval_share <= 1.0):
+            raise ValueError(f"Budgeted: eval_share must be in (0, 1] (a share of the budget), got {eval_share!r}")
+        self.eval_share = float(eval_share)
+        self.probe_share = 0.03      # the most of the budget one timing of the evaluation may take
         if augment_until is not None and not 0.0 <= augment_until <= 1.0:
             raise ValueError(f"Budgeted: augment_until must be in [0, 1] (a share of the training "
                              f"time) or None, got {augment_until}")
         self.augment_until = None if augment_until is None else float(augment_until)
         self.augment_events: List[Dict[str, Any]] = []
-        if isinstance(knobs, (str, Selector)):
-            knobs = (knobs,)
-        names: List[str] = []
-        selector: Optional[Selector] = None
-        for k in knobs:
-            if isinstance(k, Selector):
-                sel = k
-            elif isinstance(k, str):
-                key = k.lower().replace("_", "-")
-                if key in ("width", "model"):
-                    raise ValueError("Budgeted: the width knob is chosen before the model is built: "
-                                     "use pyoptim.budget.choose_width(...) or pyoptim.budget.plan(...)")
-                if key in ("schedule", "ema"):
-                    if key not in names:
-                        names.append(key)
-                    continue
-                if key in ("none", "naive"):
-                    continue
-                try:
-                    sel = make_selector(key, select_fraction, seed, per_class=select_per_class)
-                except ValueError:
-                    raise ValueError(f"Budgeted: unknown knob {k!r} (knobs: {', '.join(KNOBS)}, or a "
-                                     f"Selector)") from None
-            else:
-                raise TypeError(f"Budgeted: a knob must be a name or a Selector, got {type(k).__name__}")
-            if selector is not None:
-                raise ValueError(f"Budgeted: two sample selectors given ({selector.name}, {sel.name})")
-            selector = sel
-            names.append(sel.name)
+        names, selector = _parse_knobs(knobs, select_fraction, seed, select_per_class)
         self.knobs = tuple(names)
         if select_scores not in SELECT_SCORES:
             raise ValueError(f"Budgeted: select_scores must be one of {', '.join(SELECT_SCORES)}, "
@@ -224,6 +237,7 @@ class Budgeted(Plugin):
         self._boundary = True
         self._last_end: Optional[float] = None
         self._eval_probe: Optional[float] = None     # predicted seconds of one full evaluation
+        self._eval_rate = 0.0                         # ... and seconds a sample
         self._epoch_end_measured: Optional[float] = None
         self._probe_ref: Optional[float] = None       # median step time when the probe ran
         self._reprobed = False                        # the evaluation was timed again near the end
@@ -261,86 +275,6 @@ class Budgeted(Plugin):
                              f"{type(data).__name__}. Use select_scores='forward' with other loaders.")
         return n
 
-    # ------------------------------------------------------------------------------ predictions
-    def step_time(self) -> float:
-        """Predicted seconds of the next step (data fetch and hooks included): the 0.9 quantile
-        of the recent steps; before any full step, the first (warm-up) step's time."""
-        if len(self._cycles) >= 3:
-            return _quantile(list(self._cycles), 0.9)
-        if self._cycles:
-            return max(self._cycles)
-        return self._first_cycle or 0.0
-
-    def _precise_bn_time(self, trainer) -> float:
-        n = getattr(trainer, "precise_bn_batches", 0) or 0
-        return 0.5 * n * self.step_time() if n else 0.0
-
-    def epoch_end_time(self, trainer) -> float:
-        """Predicted seconds of an epoch end with its evaluation."""
-        if self._epoch_end_measured is not None:
-            return self._epoch_end_measured + self._boundary_extra
-        ev = self._eval_probe if (self.epoch_eval and trainer.eval_data is not None) else 0.0
-        return (ev or 0.0) + self._precise_bn_time(trainer) + self._boundary_extra
-
-    def final_time(self, trainer) -> float:
-        """Predicted seconds of the final phase (average swap, BN recalibration, evaluation)."""
-        t = 0.0
-        if self.final_eval and trainer.eval_data is not None:
-            if self._epoch_end_measured is not None and self.epoch_eval:
-                t = self._epoch_end_measured * self._drift(self._epoch_end_ref)
-            else:
-                t = (self._eval_probe or 0.0) * self._drift(self._probe_ref) + self._precise_bn_time(trainer)
-        return t
-
-    def _median_step(self) -> Optional[float]:
-        return _quantile(list(self._cycles)[-8:], 0.5) if len(self._cycles) >= 3 else None
-
-    def _drift(self, ref: Optional[float]) -> float:
-        """How much slower the machine runs now than when an evaluation was timed: the median of
-        the last steps over the median of the steps around that time (at least 1). A shared
-        machine that slows down slows the final evaluation as much as the steps."""
-        now = self._median_step()
-        if ref is None or now is None or ref <= 0:
-            return 1.0
-        return max(1.0, now / ref)
-
-    def _safety(self, step: float, final: float) -> float:
-        # a quarter step for the step-time noise; 15% of the final phase, whose one evaluation
-        # was seen to take up to 40% longer than its probe predicted on a shared CPU; a tenth of
-        # the tolerance (2% of the budget or 1 s, the larger) against a stall of the machine
-        # after the last decision (a 6 s run once ended 13 ms late without it)
-        return 0.25 * step + 0.15 * final + 0.1 * max(0.02 * self.clock.seconds, 1.0)
-
-    def _maybe_reprobe(self, trainer, step_t: float, fin_t: float) -> float:
-        """Times the evaluation once more when the end is near (the time left is under twice
-        the predicted final phase plus four steps and the margins) and keeps the lower of that
-        and the first prediction (scaled by the machine's drift since). A slow moment during the
-        first probe (a few batches before training, on a shared machine) otherwise stays in the
-        prediction for the whole run and stops it seconds early. ``step_t``, ``fin_t``: this
-        step's predictions. Returns the seconds it took (0: not now)."""
-        if (self._reprobed or not self.final_eval or trainer.eval_data is None
-                or self._eval_probe is None or len(self._cycles) < 3
-                or (self.epoch_eval and self._epoch_end_measured is not None)):
-            return 0.0
-        if self.clock.remaining() > 2.0 * fin_t + 4.0 * step_t + self._safety(step_t, fin_t):
-            return 0.0
-        self._reprobed = True
-        t0 = time.perf_counter()
-        probe = self._probe_eval(trainer, warm=True)
-        ref = self._median_step()
-        used = probe < self._eval_probe * self._drift(self._probe_ref)
-        if used:
-            self._eval_probe, self._probe_ref = probe, ref
-        self.eval_probes.append({"t": self.clock.elapsed(), "eval_s": probe, "step_s": ref,
-                                 "used": bool(used)})
-        spent = time.perf_counter() - t0
-        self.time_s["probe"] += spent
-        return spent
-
-    def remaining(self) -> float:
-        """Seconds left in the budget."""
-        return self.clock.remaining()
-
     # -------------------------------------------------------------------------------- helpers
     def _per_sample_loss(self, trainer) -> Callable:
         if self.per_sample_loss is not None:
@@ -357,57 +291,6 @@ class Budgeted(Plugin):
                                  "per_sample_loss=fn(output, y) -> [n] losses (the trainer's loss_fn "
                                  "takes no reduction='none')") from exc
         return fn
-
-    @torch.no_grad()
-    def _probe_eval(self, trainer, warm: bool = False) -> float:
-        """Predicted seconds of one evaluation of ``trainer.eval_data``: up to three batches'
-        eval-mode forwards timed, the quicker of the two after the first (warm-up) one, scaled to
-        the set; when the model is ``warm`` (it has been training), two batches, the quicker."""
-        data = trainer.eval_data
-        sample = getattr(data, "sample_batches", None)
-        batches = []
-        if callable(sample):
-            batches = list(sample(2 if warm else 3))
-        else:
-            it = iter(data)
-            for _ in range(2 if warm else 3):
-                try:
-                    batches.append(next(it))
-                except StopIteration:
-                    break
-        if not batches:
-            return 0.0
-        model = trainer.model
-        was = model.training
-        model.eval()
-        try:
-            times, sizes = [], []
-            for b in batches:
-                x, y = trainer.unpack(b)
-                _sync(trainer.device)
-                t0 = time.perf_counter()
-                with trainer.autocast():
-                    out = model(x)
-                    trainer.loss_fn(out, y)
-                _sync(trainer.device)
-                times.append(time.perf_counter() - t0)
-                sizes.append(int(x.shape[0]))
-        finally:
-            model.train(was)
-        # the first batch warms up; of the others the quicker (a noisy machine slows single
-        # batches by 2x or more, which would predict an evaluation that cannot fit)
-        pairs = list(zip(times, sizes)) if warm else list(zip(times[1:], sizes[1:]))
-        rates = [t / n for t, n in pairs] or [times[0] / sizes[0]]
-        per_sample = min(rates)
-        n = getattr(data, "num_samples", None)
-        if isinstance(n, int):
-            n = -(-n // max(getattr(data, "world_size", 1) or 1, 1))
-        else:
-            try:
-                n = len(data) * sizes[0]
-            except TypeError:
-                n = sizes[0]
-        return 1.15 * per_sample * n
 
     def _peak_lrs(self, trainer) -> List[float]:
         out = []
@@ -500,7 +383,8 @@ class Budgeted(Plugin):
                 trainer.loss_fn = _WeightedLoss(self._score_loss, self)
         t0 = time.perf_counter()
         if self._eval_probe is None and trainer.eval_data is not None and self.final_eval:
-            self._eval_probe = self._probe_eval(trainer)
+            self._eval_probe, self._eval_rate = self._probe_eval(
+                trainer, limit_s=self.probe_share * self.clock.seconds)
             self.eval_probes.append({"t": self.clock.elapsed(), "eval_s": self._eval_probe,
                                      "step_s": None, "used": True})
         self.time_s["probe"] += time.perf_counter() - t0
@@ -518,7 +402,8 @@ class Budgeted(Plugin):
                           f"{self._synced['elapsed']:.1f} s are spent already (set-up, probes) and the "
                           f"final phase is predicted at {self._synced['final']:.1f} s (+{self.reserve_s:.1f} s "
                           f"reserve); the model stays untrained. Give more time, a narrower width "
-                          f"(knob 'width'), or skip the final evaluation (final_eval=False).",
+                          f"(knob 'width'), a smaller eval_share, or skip the final evaluation "
+                          f"(final_eval=False).",
                           RuntimeWarning, stacklevel=2)
         if not self.epoch_eval:
             trainer.skip_epoch_eval = True
@@ -626,6 +511,9 @@ class Budgeted(Plugin):
         s = self._synced
         limit = self.clock.seconds - self.reserve_s - self._safety(s["step"], s["final"])
         base = s["elapsed"] + s["step"] + s["final"]
+        # an epoch-end evaluation that runs slower than predicted stops in time for the next
+        # step and the final phase (the row then says on how many samples)
+        trainer.eval_deadline = self.clock.start + limit - s["final"] - s["step"]
         if will_stop:
             return
         if epoch_ends and self.epoch_eval and trainer.eval_data is not None:
@@ -642,7 +530,7 @@ class Budgeted(Plugin):
     def on_epoch_end(self, trainer, epoch, metrics) -> None:
         now = time.perf_counter()
         evaluated = "eval_accuracy" in metrics or "eval_loss" in metrics
-        if evaluated:
+        if evaluated and "eval_samples" not in metrics:      # a cut evaluation predicts nothing
             self._epoch_end_measured = now - self._last_end
             self._epoch_end_ref = self._median_step()
         self.time_s["epoch_end"] += now - self._last_end
@@ -673,6 +561,7 @@ class Budgeted(Plugin):
             trainer.loss_fn = self._orig_loss
             self._orig_loss = None
         trainer.skip_epoch_eval = False
+        trainer.eval_deadline = None
         if self.stop_reason is None:
             self.stop_reason = "trainer limits (max_epochs / max_steps)"
         t0 = time.perf_counter()
@@ -683,21 +572,22 @@ class Budgeted(Plugin):
         trainer.sync_buffers()
         last = trainer.history[-1] if len(trainer.history) else None
         reuse = (last is not None and last.get("step") == trainer.global_step
-                 and last.get("eval_accuracy") is not None and self.ema is None)
+                 and last.get("eval_accuracy") is not None and "eval_samples" not in last
+                 and self.ema is None)
         final: Dict[str, Any] = {}
         if self.final_eval and trainer.eval_data is not None:
             if reuse:
                 final = {"loss": last.get("eval_loss"), "accuracy": last.get("eval_accuracy"),
-                         "reused_epoch_eval": True}
+                         "reused_epoch_eval": True, "complete": True}
             else:
-                trainer.precise_bn()
-                final = trainer.evaluate()
+                final = self._final_evaluation(trainer)
         self.time_s["final"] = time.perf_counter() - t0
         elapsed = self.clock.elapsed()
         if final:
             self.timeline.append({"t": elapsed, "epoch": trainer.epoch, "step": trainer.global_step,
                                   "eval_accuracy": final.get("accuracy"),
-                                  "eval_loss": final.get("loss"), "final": True})
+                                  "eval_loss": final.get("loss"), "final": True,
+                                  "complete": final.get("complete", True)})
         running = trainer.running_metrics() if trainer.running_samples else {}
         n = getattr(trainer.train_data, "num_samples", None)
         samples = trainer.samples_seen * trainer.world_size
@@ -739,6 +629,7 @@ class Budgeted(Plugin):
         return {"spent": self.clock.elapsed(), "seconds": self.clock.seconds,
                 "train_start": self.train_start, "cycles": list(self._cycles),
                 "first_cycle": self._first_cycle, "eval_probe": self._eval_probe,
+                "eval_rate": self._eval_rate,
                 "epoch_end_measured": self._epoch_end_measured,
                 "boundary_extra": self._boundary_extra, "fraction": self._fraction, "timeline": list(self.timeline),
                 "lr_trace": list(self.lr_trace), "time_s": dict(self.time_s),
@@ -756,6 +647,7 @@ class Budgeted(Plugin):
         self._cycles = deque(state["cycles"], maxlen=24)
         self._first_cycle = state["first_cycle"]
         self._eval_probe = state["eval_probe"]
+        self._eval_rate = state.get("eval_rate", 0.0)
         self._epoch_end_measured = state["epoch_end_measured"]
         self._boundary_extra = state["boundary_extra"]
         self._fraction = state.get("fraction", 0.0)

@@ -209,6 +209,9 @@ def add_run_arguments(t: argparse.ArgumentParser) -> None:
                    help="recompute the BN running statistics over N training batches at every epoch "
                         "end (before the test evaluation)")
     t.add_argument("--device", default="auto", type=device_arg)
+    t.add_argument("--threads", type=number(int, 1), default=None, metavar="N",
+                   help="CPU intra-op threads (default: torch's, one a core). On a machine other "
+                        "processes keep busy, 1 thread runs several times faster than 2 (docs/budget.md)")
     t.add_argument("--energy", nargs="?", const="phases", default=None, choices=("phases", "epochs"),
                    help="measure energy and time per epoch and, with phases (the default of --energy), per "
                    "phase: forward, backward, group lasso, optimizer step, reconfiguration (on CUDA a device "
@@ -248,5 +251,9 @@ def add_budget_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--augment-max-epochs", type=number(float, 0), default=12.0,
                    help="auto: the planner turns augmentation off when the chosen width makes fewer "
                         "passes than this (0: never turns it off)")
+    t.add_argument("--eval-share", type=number(float, 0, 1, low_open=True), default=None,
+                   help="budgeted runs: the most of the budget the final evaluation is planned to take "
+                        "(default 0.1); a longer one runs on the random subset of the test set that fits "
+                        "(reported)")
     t.add_argument("--no-epoch-eval", action="store_true",
                    help="budgeted runs: evaluate only at the end (epoch-end evaluations cost budget)")

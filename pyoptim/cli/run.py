@@ -172,7 +172,7 @@ def _plugins(args, clock, knobs, augment_until):
         budget = Budgeted(knobs=knobs, clock=clock, warmup=args.warmup,
                           ema_decay=args.ema_decay, select_fraction=args.select_fraction,
                           select_scores=args.select_scores, select_per_class=args.select_per_class,
-                          epoch_eval=not args.no_epoch_eval,
+                          epoch_eval=not args.no_epoch_eval, eval_share=getattr(args, "eval_share", None) or 0.1,
                           reserve_s=report.reserve_seconds(),   # writing the report is counted
                           seed=args.seed, augment_until=augment_until)
     if args.method == "prunetrain":
@@ -201,6 +201,8 @@ def build_run(args, progress: bool = True) -> Run:
     from ..train import Trainer
     from .progress import budget_printer, training_printer
 
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     if getattr(args, "method", None) == "sparse":
         from .sparse import build_sparse_run
         return build_sparse_run(args, progress)
@@ -220,6 +222,8 @@ def build_run(args, progress: bool = True) -> Run:
         raise SystemExit(f"pyoptim: --width and the width/auto knobs scale pyoptim's own models; {args.model} "
                          f"has torchvision's fixed widths (pick a narrower variant by name)")
     augment_until = getattr(args, "augment_until", None)
+    if getattr(args, "eval_share", None) is not None and clock is None:
+        raise SystemExit("pyoptim: --eval-share is a share of the budget: give --budget too")
     if augment_until is not None and clock is None:
         raise SystemExit("pyoptim: --augment-until is a share of the budget's training time: give --budget too")
     if getattr(args, "lasso_epochs", 0) and args.lasso_epochs > args.epochs:

@@ -328,6 +328,32 @@ class DeviceLoader:
             if start >= self.num_samples:
                 return
 
+    def random_batches(self, num_batches: int | None = None, seed: int = 0,
+                       batch_size: int | None = None):
+        """Batches of one seeded random order of the whole data set, whatever ``shuffle`` says
+        (``num_batches`` of them; ``None``: a full pass; of ``batch_size`` samples, default the
+        loader's global batch size), with the current epoch's augmentation, without moving the
+        loader. The first ``k`` batches are a uniform random subset of the data:
+        what a bounded evaluation (:meth:`pyoptim.train.Trainer.evaluate` with a deadline) stops
+        on, so a cut evaluation is not biased by the file's order."""
+        if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) != num_batches
+                                        or num_batches < 0):
+            raise ValueError(f"random_batches: num_batches must be an integer >= 0 or None, got {num_batches!r}")
+        size = self.batch_size if batch_size is None else batch_size
+        if isinstance(size, bool) or int(size) != size or size < self.world_size:
+            raise ValueError(f"random_batches: batch_size must be an integer >= world_size "
+                             f"({self.world_size}), got {batch_size!r}")
+        size = int(size)
+        g = torch.Generator().manual_seed(_mix(int(seed), 0x5EED, 0xB07D))
+        perm = torch.randperm(self.num_samples, generator=g).to(self._images.device)
+        start, count = 0, 0
+        while start < self.num_samples and (num_batches is None or count < num_batches):
+            stop = min(start + size, self.num_samples)
+            if stop - start < self.world_size:
+                return
+            yield self._batch(self.epoch, start, stop, perm)
+            start, count = stop, count + 1
+
     def batch_indices(self, epoch: int, start: int, stop: int) -> torch.Tensor:
         """This rank's sample indices for the global batch ``[start, stop)`` of ``epoch``."""
         lo, hi = self._rank_slice(start, stop)

@@ -70,10 +70,13 @@ TRAINER_CONTRACT: Dict[str, Tuple[str, str]] = {
     # flags a plug-in sets
     "should_stop": ("set", "True: fit() stops after the current step"),
     "skip_epoch_eval": ("set", "True: the coming epoch end skips precise BN and the evaluation"),
+    "eval_deadline": ("set", "perf_counter time: epoch-end evaluations stop before a batch that would end "
+                             "after it (the row then has eval_samples); None: no bound"),
     # methods
     "autocast": ("call", "autocast(): the context of the training forward (AMP dtype or disabled)"),
     "unpack": ("call", "unpack(batch) -> (x, y) on the device"),
-    "evaluate": ("call", "evaluate(data=None) -> {loss, accuracy, samples} (all ranks call it)"),
+    "evaluate": ("call", "evaluate(data=None, *, max_batches=None, deadline=None, batch_s=0) -> "
+                         "{loss, accuracy, samples, batches, complete} (all ranks call it)"),
     "precise_bn": ("call", "precise_bn() -> batches: BN statistics over precise_bn_batches batches"),
     "recalibrate_bn": ("call", "recalibrate_bn(batches) -> n: BN statistics as the plain average"),
     "sync_buffers": ("call", "sync_buffers(): the same BN statistics on every rank"),

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._util import dist_on, flush_denormal
+from .._util import leading_dim as _leading_dim
 from . import checkpoint as _ckpt
 from . import batchnorm as _bn
+from .evaluation import BoundedBatches
 from .checkpoint import load
 from .schedule import scale_learning_rate
 
@@ -52,16 +54,6 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _to_device(v, device) for k, v in obj.items()}
     return obj
-
-
-def _leading_dim(obj: Any) -> int:
-    if isinstance(obj, Tensor):
-        return int(obj.shape[0])
-    if isinstance(obj, (list, tuple)) and obj:
-        return _leading_dim(obj[0])
-    if isinstance(obj, dict) and obj:
-        return _leading_dim(next(iter(obj.values())))
-    raise TypeError(f"cannot tell the batch size of a {type(obj).__name__}")
 
 
 def _top1_correct(out: Any, y: Any) -> Optional[Tensor]:
@@ -212,6 +204,7 @@ class Trainer:
         self.history = History()
         self.should_stop = False
         self.skip_epoch_eval = False   # a plug-in sets it to skip the coming epoch end's eval
+        self.eval_deadline: Optional[float] = None   # ... or to bound it (perf_counter time)
         self.last_input: Any = None    # the last batch's x (on the device): an example input
         self.last_grad_norm: Optional[Tensor] = None
         self._batch_size: Optional[int] = None   # global; when the loader does not say
@@ -438,13 +431,24 @@ class Trainer:
     # evaluation
 
     @torch.no_grad()
-    def evaluate(self, data: Optional[Iterable] = None) -> Dict[str, float]:
+    def evaluate(self, data: Optional[Iterable] = None, *, max_batches: Optional[int] = None,
+                 deadline: Optional[float] = None, batch_s: float = 0.0) -> Dict[str, Any]:
         """Loss and accuracy of the model over ``data`` (default ``eval_data``) in eval mode, under
         autocast when AMP is on. Under DDP the sums are all-reduced (each rank may evaluate its
-        shard; every rank must call it). Returns ``{"loss", "accuracy", "samples"}``."""
+        shard; every rank must call it).
+
+        It can be bounded (:class:`pyoptim.train.evaluation.BoundedBatches`): at most
+        ``max_batches`` batches, and only the batches predicted to end by ``deadline`` (a
+        ``time.perf_counter()`` value; the prediction is the slowest batch so far, ``batch_s``
+        before the first; under DDP the stop is agreed by all ranks before every batch). Returns
+        ``{"loss", "accuracy", "samples", "batches", "complete"}``: ``complete`` is ``False`` when
+        a limit cut the data short (the figures are then those of the batches evaluated; no batch
+        at all gives ``loss`` and ``accuracy`` ``None``)."""
         data = self.eval_data if data is None else data
         if data is None:
             raise ValueError("evaluate: no data (and no eval_data)")
+        bounded = BoundedBatches(data, max_batches, deadline, batch_s=batch_s, device=self.device,
+                                 distributed=self.distributed, reduce_device=self._reduce_device())
         was_training = self.model.training
         self.model.eval()
         if self._eval_forward is None:
@@ -453,7 +457,7 @@ class Trainer:
         acc = torch.zeros(3, dtype=self._acc.dtype, device=self.device)
         has_acc = False
         try:
-            for batch in data:
+            for batch in bounded:
                 x, y = self.unpack(batch)
                 n = _leading_dim(x)
                 with self.autocast():
@@ -469,16 +473,23 @@ class Trainer:
                 acc[2] += n
         finally:
             self.model.train(was_training)
+        complete = bounded.complete
         if self.distributed:
-            flag = torch.tensor([float(has_acc)], dtype=acc.dtype, device=self.device)
-            acc = torch.cat([acc, flag])
+            flags = torch.tensor([float(has_acc), float(not complete)], dtype=acc.dtype, device=self.device)
+            acc = torch.cat([acc, flags])
             dist.all_reduce(acc)
-            has_acc = bool(acc[3] > 0)
+            has_acc, complete = bool(acc[3] > 0), not bool(acc[4] > 0)
             acc = acc[:3]
         loss_sum, hits, count = acc.tolist()
-        return {"loss": loss_sum / max(count, 1),
-                "accuracy": hits / max(count, 1) if has_acc else None,
-                "samples": int(count)}
+        return {"loss": loss_sum / count if count else None,
+                "accuracy": hits / count if has_acc and count else None,
+                "samples": int(count), "batches": bounded.batches, "complete": complete}
+
+    def _reduce_device(self) -> torch.device:
+        """Where a small all-reduce goes: the device under NCCL, else the CPU."""
+        if self.distributed and dist_on() and dist.get_backend() == "nccl":
+            return torch.device(self.device)
+        return torch.device("cpu")
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -682,8 +693,10 @@ class Trainer:
             "batch_size": self.batch_size,
         }
         if self.eval_data is not None and not skip_eval:
-            ev = self.evaluate()
+            ev = self.evaluate(deadline=self.eval_deadline)
             row["eval_loss"], row["eval_accuracy"] = ev["loss"], ev["accuracy"]
+            if not ev["complete"]:                  # cut by eval_deadline: say on how many
+                row["eval_samples"] = ev["samples"]
         for k, v in self._extra.items():
             row[k] = v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
         self._call("on_epoch_end", self.epoch, row)

@@ -50,6 +50,7 @@ import utils as bu  # noqa: E402
 import pyoptim.flops as flops  # noqa: E402
 from pyoptim.models.torchvision_zoo import import_torchvision  # noqa: E402
 from pyoptim.prune import ChannelGraph, channel_magnitudes, reconfigure  # noqa: E402
+from pyoptim.prune.verify import random_keep_masks  # noqa: E402
 
 
 def head_reconfigure():
@@ -70,16 +71,6 @@ def head_reconfigure():
     sys.modules[module.__name__] = module
     exec(compile(src, "HEAD:pyoptim/prune/reconfigure.py", "exec"), module.__dict__)
     return module
-
-
-def keep_masks(graph: ChannelGraph, drop: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    masks = {}
-    for grp in graph.prunable_groups():
-        keep = torch.ones(grp.size, dtype=torch.bool)
-        keep[torch.randperm(grp.size, generator=g)[: min(grp.size - 1, int(drop * grp.size))]] = False
-        masks[grp.index] = keep
-    return masks
 
 
 def summary(times):
@@ -164,7 +155,7 @@ FLOP_FIELDS = ("forward_flops_before", "forward_flops_after", "train_flops_befor
 
 def bench_model(name, args, old):
     model, opt, x, graph, trace_ms = prepare(name, args)
-    masks = keep_masks(graph, args.drop, seed=1)
+    masks = random_keep_masks(graph, args.drop, seed=1)
     times, outs = time_interleaved(variants_of(model, opt, x, graph, masks, old), args.reps)
     for key, t in times.items():
         print(f"{name} {key[0]:<20} {key[1]:<5} {t['median_ms']:9.1f} ms "

@@ -11,6 +11,7 @@ from pyoptim import models
 from pyoptim.prune import ChannelGraph, channel_keep_masks, reconfigure
 from pyoptim.prune.channel_graph import CHANNELWISE, CONSUMER, PRODUCER
 from pyoptim.prune.reconfigure import plan_group_removal
+from pyoptim.prune.verify import random_keep_masks
 
 
 class ConcatNet(nn.Module):
@@ -505,17 +506,6 @@ FLOP_MODELS = {
 }
 
 
-def random_keep(graph, fraction=0.3, seed=0):
-    """Each prunable group with ``fraction`` of its channels (at least one kept) dropped at random."""
-    g = torch.Generator().manual_seed(seed)
-    keep = {}
-    for grp in graph.prunable_groups():
-        k = torch.ones(grp.size, dtype=torch.bool)
-        k[torch.randperm(grp.size, generator=g)[: min(grp.size - 1, int(fraction * grp.size))]] = False
-        keep[grp.index] = k
-    return keep
-
-
 @pytest.mark.parametrize("name", list(FLOP_MODELS))
 def test_report_flops_equal_a_full_count(name):
     """The FLOPs reported (the count before, the count after resized by each conv/linear weight's
@@ -526,7 +516,7 @@ def test_report_flops_equal_a_full_count(name):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     graph = ChannelGraph(model, x)
     before = count_flops(model, x)
-    model, _, report = reconfigure(model, None, x, graph=graph, keep=random_keep(graph))
+    model, _, report = reconfigure(model, None, x, graph=graph, keep=random_keep_masks(graph))
     assert report.flops_method == "analytic"
     assert (report.forward_flops_before, report.train_flops_before) == before
     assert (report.forward_flops_after, report.train_flops_after) == count_flops(model, x)
@@ -561,10 +551,10 @@ def test_repeated_reconfigures_count_once(monkeypatch):
     monkeypatch.setattr(flops, "_count_flops", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, x = build("resnet20")
     graph = ChannelGraph(model, x)
-    model, _, first = reconfigure(model, None, x, graph=graph, keep=random_keep(graph, 0.2, seed=1))
+    model, _, first = reconfigure(model, None, x, graph=graph, keep=random_keep_masks(graph, 0.2, seed=1))
     assert len(calls) == 1 and first.flops_method == "analytic"
     graph = ChannelGraph(model, x)
-    model, _, second = reconfigure(model, None, x, graph=graph, keep=random_keep(graph, 0.2, seed=2))
+    model, _, second = reconfigure(model, None, x, graph=graph, keep=random_keep_masks(graph, 0.2, seed=2))
     assert len(calls) == 1 and second.flops_method == "analytic"
     assert (second.forward_flops_before, second.train_flops_before) == \
         (first.forward_flops_after, first.train_flops_after)
@@ -575,7 +565,7 @@ def test_repeated_reconfigures_count_once(monkeypatch):
 def test_report_flops_count_and_off():
     model, x = build("resnet20")
     graph = ChannelGraph(model, x)
-    keep = random_keep(graph)
+    keep = random_keep_masks(graph)
     reports = {}
     for how in (True, "count", False):
         _, _, reports[how] = reconfigure(copy.deepcopy(model), None, x, graph=graph, keep=keep, report_flops=how)
@@ -665,7 +655,7 @@ def test_grouped_conv_layernorms_conv1d_conv3d_and_parameters_are_compacted():
     if "parameter" not in kinds:
         pytest.skip("this ChannelGraph has no parameter members")
     ref = copy.deepcopy(model)
-    keep = random_keep(graph, 0.34, seed=3)
+    keep = random_keep_masks(graph, 0.34, seed=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model, _, report = reconfigure(model, None, x, graph=graph, keep=keep)
     assert report.flops_method == "analytic"
@@ -702,6 +692,6 @@ def test_layernorm2d_is_resized():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), LayerNorm2d(8), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(36, 2))
     x = torch.randn(2, 3, 5, 5)
     graph = ChannelGraph(model, x)
-    model, _, _ = reconfigure(model, None, x, graph=graph, keep=random_keep(graph))
+    model, _, _ = reconfigure(model, None, x, graph=graph, keep=random_keep_masks(graph))
     assert model[1].normalized_shape == (model[0].out_channels,) == (model[1].weight.shape[0],) == (6,)
     assert model(x).shape == (2, 2)

@@ -193,9 +193,10 @@ class StopPredictions:
         Reported with ``samples`` of ``of_samples``, ``complete`` and, for a subset, the
         accuracy's standard error."""
         end = self.clock.deadline - self.reserve_s
-        rate = self._eval_rate * self._drift(self._probe_ref)      # seconds a sample, now
+        drift = self._drift(self._probe_ref)
+        rate = self._eval_rate * drift               # seconds a sample, now
         info: Dict[str, Any] = {}
-        bn_s = self._precise_bn_time(trainer) * self._drift(self._probe_ref)
+        bn_s = self._precise_bn_time(trainer) * drift
         if bn_s and time.perf_counter() + bn_s > end - 0.25 * self._synced.get("final", 0.0):
             info["precise_bn_skipped"] = True        # too little time: stale BN statistics
         else:

@@ -317,16 +317,8 @@ class DeviceLoader:
         without moving the loader (its position, epoch and resume state are untouched): for
         recalibrating BN statistics (``Trainer(precise_bn=n)``)."""
         epoch = self.epoch if epoch is None else int(epoch)
-        perm = self._shuffled(epoch).to(self._images.device)
-        start = 0
-        for _ in range(int(num_batches)):
-            stop = min(start + self.batch_size, self.num_samples)
-            if stop - start < self.world_size:
-                return
-            yield self._batch(epoch, start, stop, perm)
-            start = stop
-            if start >= self.num_samples:
-                return
+        return self._pass(epoch, self._shuffled(epoch).to(self._images.device), self.batch_size,
+                          int(num_batches))
 
     def random_batches(self, num_batches: int | None = None, seed: int = 0,
                        batch_size: int | None = None):
@@ -346,12 +338,17 @@ class DeviceLoader:
         size = int(size)
         g = torch.Generator().manual_seed(_mix(int(seed), 0x5EED, 0xB07D))
         perm = torch.randperm(self.num_samples, generator=g).to(self._images.device)
+        return self._pass(self.epoch, perm, int(size), num_batches)
+
+    def _pass(self, epoch: int, perm: torch.Tensor, size: int, num_batches: int | None):
+        """Batches of ``size`` along ``perm`` (at most ``num_batches``; ``None``: all), with
+        ``epoch``'s augmentation; a last piece smaller than ``world_size`` is dropped."""
         start, count = 0, 0
         while start < self.num_samples and (num_batches is None or count < num_batches):
             stop = min(start + size, self.num_samples)
             if stop - start < self.world_size:
                 return
-            yield self._batch(self.epoch, start, stop, perm)
+            yield self._batch(epoch, start, stop, perm)
             start, count = stop, count + 1
 
     def batch_indices(self, epoch: int, start: int, stop: int) -> torch.Tensor:
